@@ -1,0 +1,2 @@
+"""Main job placeholder: replaced as the pipeline lands."""
+print("main job: nothing to run yet")
