@@ -1,0 +1,46 @@
+"""Teacher / student networks, weight loading, adapters and projection heads.
+
+* :func:`create_model`, :func:`list_models`, :func:`canonical_name`
+* networks (:class:`KDNet`): ``model(x)`` -> logits, ``forward_features``,
+  ``forward_head``, ``forward_kd`` -> ``{"feats_7x7", "avg_pool", "logits"}``
+* :func:`load_weights` (project, seed, bare and torchvision state dicts)
+* :class:`ConvReg`, :func:`build_adapter`, :class:`ProjectionHead`
+"""
+
+from .adapters import ConvReg, build_adapter
+from .factory import create_model
+from .heads import ProjectionHead
+from .names import MOBILENET, RESNET50, canonical_name, list_models
+from .networks import KDNet, MobileNetV2KD, ResNet50KD
+from .weights import (
+    IMAGENET_WEIGHTS,
+    PretrainedWeightsNotFound,
+    WeightsError,
+    detect_layout,
+    from_torchvision_layout,
+    imagenet_weights_path,
+    load_weights,
+    to_torchvision_layout,
+)
+
+__all__ = [
+    "IMAGENET_WEIGHTS",
+    "MOBILENET",
+    "RESNET50",
+    "ConvReg",
+    "KDNet",
+    "MobileNetV2KD",
+    "PretrainedWeightsNotFound",
+    "ProjectionHead",
+    "ResNet50KD",
+    "WeightsError",
+    "build_adapter",
+    "canonical_name",
+    "create_model",
+    "detect_layout",
+    "from_torchvision_layout",
+    "imagenet_weights_path",
+    "list_models",
+    "load_weights",
+    "to_torchvision_layout",
+]

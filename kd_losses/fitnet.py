@@ -1,0 +1,26 @@
+"""FitNet hint loss on (adapted) feature maps.
+
+FitNets: Hints for Thin Deep Nets (Romero et al., ICLR 2015)
+https://arxiv.org/abs/1412.6550
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_same_shape
+
+
+def fitnet(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between adapted student features and teacher features.
+
+    Args:
+        feat_s: student features after the adapter, any shape.
+        feat_t: teacher features of the same shape (detached here).
+
+    Returns:
+        Scalar tensor of the student's dtype.
+    """
+    check_same_shape("fitnet", feat_s, feat_t)
+    return F.mse_loss(feat_s, feat_t.detach())

@@ -1,0 +1,45 @@
+"""``create_model``: the one place that builds networks and attaches weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from .names import canonical_name
+from .networks import ARCHITECTURES, KDNet
+from .weights import load_imagenet_weights, load_weights_file
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    weights: str | os.PathLike | Mapping | None = None,
+) -> KDNet:
+    """Build ``"resnet-50"`` or ``"mobilenet"`` (aliases: ``resnet50``, ``mobilenet_v2``,
+    ``mobilenetv2``) with a ``num_classes`` classifier.
+
+    Args:
+        name: model name or alias.
+        num_classes: K.
+        pretrained: start from torchvision's ImageNet (IMAGENET1K_V1) backbone, read only
+            from the local torch hub cache; fails at once when absent (no download).
+        weights: a local weights file (or loaded dict) instead: project checkpoint, seed
+            checkpoint, bare or torchvision state dict. Takes precedence over
+            ``pretrained``. A torchvision state dict with another class count (ImageNet)
+            gives the backbone only; other kinds must match ``num_classes``.
+
+    Returns:
+        The network (train mode, on CPU).
+
+    Raises:
+        ValueError: unknown name (valid names listed) or bad ``num_classes``.
+        models.weights.PretrainedWeightsNotFound: ``pretrained=True`` without cached file.
+        models.weights.WeightsError: weights that do not fit.
+    """
+    model = ARCHITECTURES[canonical_name(name)](num_classes)
+    if weights is not None:
+        load_weights_file(model, weights)
+    elif pretrained:
+        load_imagenet_weights(model)
+    return model
