@@ -1,0 +1,187 @@
+"""Read, validate and merge the official ISIC 2019 CSVs into one table per image.
+
+All checks run on whole columns (no row-by-row pandas); every error names the
+file and the offending image ids or values, and nothing here writes files.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raug.isic2019.schema import (
+    CLASS_INDEX,
+    GT_CLASSES,
+    LABELS_CSV,
+    METADATA_CSV,
+    MISSING,
+    SEX_VALUES,
+    SITE_VALUES,
+    TEST_COLUMNS,
+    UNKNOWN_CLASS,
+    DataError,
+    DataWarning,
+)
+
+# Ids become file names: no separators, no leading dot, nothing outside this set.
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_MAX_LISTED = 5
+_MAX_AGE = 120
+
+
+def listing(values) -> str:
+    """``'a', 'b', ... (+N more)``: a short, quoted list for error messages."""
+    values = list(values)
+    shown = ", ".join(repr(str(v)) for v in values[:_MAX_LISTED])
+    more = len(values) - _MAX_LISTED
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """Read a CSV as strings (empty cells stay ``""``) and check its columns.
+
+    Raises:
+        DataError: missing or unparsable file, or a required column absent.
+    """
+    if not path.is_file():
+        raise DataError(f"missing file: {path}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot parse {path}: {exc}") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path} lacks required column(s) {listing(missing)}; "
+                        f"found {listing(df.columns)}")
+    return df
+
+
+def check_ids(ids: pd.Series, path: Path) -> None:
+    """Ids must be non-empty, unique and safe as file names (no path tricks).
+
+    Raises:
+        DataError: naming the bad ids and ``path``.
+    """
+    unsafe = ids[~ids.str.fullmatch(_SAFE_ID)]
+    if len(unsafe):
+        raise DataError(
+            f"{path}: image id(s) {listing(unsafe)} are not plain file names (allowed: letters, "
+            "digits, '_', '-', '.', not starting with '.'); refusing paths outside the image folder"
+        )
+    dup = ids[ids.duplicated()].unique()
+    if len(dup):
+        raise DataError(f"{path}: duplicate image id(s) {listing(dup)}")
+
+
+def parse_labels(df: pd.DataFrame, path: Path) -> pd.Series:
+    """Class code per image from the one-hot GroundTruth table.
+
+    Returns:
+        Series of class codes indexed like ``df``.
+
+    Raises:
+        DataError: non-0/1 cells, no class or several classes, or UNK set (ids named).
+    """
+    cols = [*GT_CLASSES, *([UNKNOWN_CLASS] if UNKNOWN_CLASS in df.columns else [])]
+    values = df[cols].apply(lambda c: pd.to_numeric(c.str.strip(), errors="coerce"))
+    bad = ~values.isin([0.0, 1.0]).all(axis=1)
+    if bad.any():
+        raise DataError(f"{path}: label cells must be 0.0 or 1.0; image(s) "
+                        f"{listing(df.loc[bad, 'image'])} have other values")
+    if UNKNOWN_CLASS in cols:
+        unk = values[UNKNOWN_CLASS] == 1
+        if unk.any():
+            raise DataError(f"{path}: image(s) {listing(df.loc[unk, 'image'])} are labelled "
+                            f"{UNKNOWN_CLASS}, which the training set never uses")
+    onehot = values[list(GT_CLASSES)].to_numpy()
+    n_set = onehot.sum(axis=1)
+    if (n_set == 0).any():
+        raise DataError(f"{path}: image(s) {listing(df.loc[n_set == 0, 'image'])} have no class set")
+    if (n_set > 1).any():
+        raise DataError(f"{path}: image(s) {listing(df.loc[n_set > 1, 'image'])} have several "
+                        "classes set (exactly one is required)")
+    return pd.Series(np.asarray(GT_CLASSES)[onehot.argmax(axis=1)], index=df.index)
+
+
+def _categorical(values: pd.Series, allowed: tuple[str, ...], column: str, path: Path) -> pd.Series:
+    """Normalise case/blanks; unknown values warn and become ``MISSING``."""
+    norm = values.str.strip().str.lower()
+    unknown = (norm != "") & ~norm.isin(allowed)
+    if unknown.any():
+        warnings.warn(f"{path}: unknown {column} value(s) {listing(norm[unknown].unique())} "
+                      f"in {int(unknown.sum())} row(s) treated as missing", DataWarning,
+                      stacklevel=3)
+    return norm.where(norm.isin(allowed), MISSING)
+
+
+def _ages(values: pd.Series, images: pd.Series, path: Path) -> pd.Series:
+    """Numeric ages; empty -> 0, unparsable or out of range -> warning and 0."""
+    text = values.str.strip()
+    age = pd.to_numeric(text, errors="coerce")
+    bad = (text != "") & (age.isna() | (age < 0) | (age > _MAX_AGE))
+    if bad.any():
+        warnings.warn(f"{path}: invalid age_approx value(s) {listing(text[bad].unique())} for "
+                      f"image(s) {listing(images[bad])} treated as missing", DataWarning,
+                      stacklevel=3)
+    age = age.where(~bad).fillna(0)
+    return age.astype(int) if (age == age.round()).all() else age
+
+
+def load_table(root: Path) -> pd.DataFrame:
+    """Validate and merge both official CSVs of ``root`` into the prepared columns.
+
+    Returns:
+        One row per image (GroundTruth order) with ``TEST_COLUMNS`` plus ``group``,
+        the grouping key for lesion-aware splits (``lesion_id``, or the image id when empty).
+
+    Raises:
+        DataError: any problem with the CSVs (see the module docstring).
+    """
+    labels_path, meta_path = root / LABELS_CSV, root / METADATA_CSV
+    if not labels_path.is_file() and not meta_path.is_file():
+        raise DataError(f"missing file: {labels_path} (and {METADATA_CSV}); put the official "
+                        f"ISIC 2019 files in {root} or run data/ISIC2019/synthesize.py --root {root}")
+    labels = read_csv(labels_path, ("image", *GT_CLASSES))
+    meta = read_csv(meta_path, ("image", "age_approx", "anatom_site_general", "lesion_id", "sex"))
+    if labels.empty:
+        raise DataError(f"{labels_path}: no images listed (empty dataset)")
+    for df, path in ((labels, labels_path), (meta, meta_path)):
+        df["image"] = df["image"].str.strip()
+        check_ids(df["image"], path)
+    _check_same_ids(labels["image"], meta["image"], labels_path, meta_path)
+    labels["diagnostic"] = parse_labels(labels, labels_path)
+
+    meta = meta.set_index("image").loc[labels["image"]].reset_index()
+    sex = _categorical(meta["sex"], SEX_VALUES, "sex", meta_path)
+    site = _categorical(meta["anatom_site_general"], SITE_VALUES, "anatom_site_general", meta_path)
+    lesion = meta["lesion_id"].str.strip()
+    out = pd.DataFrame({"image": labels["image"].to_numpy(),
+                        "age_approx": _ages(meta["age_approx"], meta["image"], meta_path)})
+    for value in SEX_VALUES:
+        out[value] = (sex == value).astype(int).to_numpy()
+    for value in SITE_VALUES:
+        out[value] = (site == value).astype(int).to_numpy()
+    out["lesion_id"] = lesion.where(lesion != "", MISSING).to_numpy()
+    out["diagnostic"] = labels["diagnostic"].to_numpy()
+    out["diagnostic_number"] = out["diagnostic"].map(CLASS_INDEX).astype(int)
+    # Rows without a lesion_id are lesions of their own; the prefix keeps them apart
+    # from any real lesion id.
+    out["group"] = np.where(lesion.to_numpy() == "", "image:" + out["image"], lesion.to_numpy())
+    return out[[*TEST_COLUMNS, "group"]]
+
+
+def _check_same_ids(label_ids: pd.Series, meta_ids: pd.Series, labels_path: Path,
+                    meta_path: Path) -> None:
+    only_labels = label_ids[~label_ids.isin(meta_ids)]
+    if len(only_labels):
+        raise DataError(f"image(s) {listing(only_labels)} in {labels_path} have no row in "
+                        f"{meta_path}")
+    only_meta = meta_ids[~meta_ids.isin(label_ids)]
+    if len(only_meta):
+        raise DataError(f"image(s) {listing(only_meta)} in {meta_path} have no row in "
+                        f"{labels_path}")

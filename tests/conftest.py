@@ -1,0 +1,34 @@
+"""Shared data fixtures: a synthetic raw ISIC 2019 folder and its prepared version.
+
+Both are session-scoped and shared by every test: treat them as read-only
+(copy with ``shutil.copytree`` before changing anything).
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from raug.isic2019 import prepare, synthesize
+
+RAW_IMAGES = 200
+RAW_IMAGE_SIZE = 96  # nominal shorter side; actual 96, 120 or 144 px
+RAW_SEED = 1234
+PREPARED_SIZE = 80  # every prepared image has its shorter side at 80 px
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory) -> Path:
+    """Official-format folder: the two CSVs and ``ISIC_2019_Training_Input/`` (200 images)."""
+    root = tmp_path_factory.mktemp("isic_raw") / "ISIC2019"
+    synthesize(root, num_images=RAW_IMAGES, image_size=RAW_IMAGE_SIZE, seed=RAW_SEED, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared_isic(synthetic_raw, tmp_path_factory) -> Path:
+    """``synthetic_raw`` prepared with ``--size 80``: the base path holding train/ and test/."""
+    base = tmp_path_factory.mktemp("isic_prepared") / "ISIC2019"
+    shutil.copytree(synthetic_raw, base)
+    prepare(base, size=PREPARED_SIZE, workers=1, progress=False)
+    return base
