@@ -43,6 +43,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt, unsafe or of the wrong kind."""
 
 
+def _umask_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give (mkstemp files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
     path = Path(path)
@@ -53,6 +60,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -83,6 +91,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,7 +130,8 @@ def is_project_checkpoint(ckpt: dict) -> bool:
 
 def capture_rng_state() -> dict[str, Any]:
     """RNG states of python, numpy and torch (CPU and CUDA) in a weights_only-safe form."""
-    np_state = np.random.get_state()
+    # The legacy global numpy RNG is what third-party code draws from, so it is saved too.
+    np_state = np.random.get_state()  # noqa: NPY002
     state: dict[str, Any] = {
         "python": _to_lists(random.getstate()),
         "numpy": {
@@ -142,7 +152,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`."""
     random.setstate(_to_tuples(state["python"]))
     npst = state["numpy"]
-    np.random.set_state(
+    np.random.set_state(  # noqa: NPY002
         (
             npst["name"],
             npst["keys"].numpy().astype(np.uint32),

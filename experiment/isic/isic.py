@@ -1,0 +1,55 @@
+"""Teacher training: a ResNet-50 on ISIC 2019 with class-weighted cross-entropy.
+
+Run from any directory (paths resolve against the repository root)::
+
+    python experiment/isic/isic.py                       # the seed's defaults, 224 px, 150 epochs
+    python experiment/isic/isic.py with quick _base_path=DIR _device=cpu   # CPU smoke run
+    python experiment/isic/isic.py with _resume=True     # continue an interrupted run
+
+Outputs go to ``_save_folder`` (default ``results/isic_teacher_fold<_folder>``);
+its ``best-checkpoint/best-checkpoint.pth`` is the teacher the KD scripts load.
+Config keys and the output layout: ``docs/engine.md``.
+"""
+
+import models
+from raug.experiment import RunContext, make_experiment, run_training
+from raug.task import ClassificationTask
+
+
+def check_model(config):
+    """The model name is known and its ImageNet weights are available when asked for."""
+    try:
+        name = models.canonical_name(config["_model_name"])
+    except ValueError as exc:
+        return [f"_model_name={config['_model_name']!r} is invalid: {exc}"]
+    if config["_pretrained"] and not config["_resume"] and not models.imagenet_weights_path(name).is_file():
+        return [
+            f"_pretrained=True but the ImageNet weights of {name} are not in the local torch hub "
+            f"cache ({models.imagenet_weights_path(name)}); copy them there or set _pretrained=False"
+        ]
+    return []
+
+
+ex = make_experiment(
+    "isic",
+    {"_model_name": "resnet-50"},
+    save_name="isic_teacher",
+    extra_checks=[check_model],
+)
+
+
+def teacher_task(ctx: RunContext) -> ClassificationTask:
+    """ResNet-50 (or ``_model_name``) trained with the training folds' class weights."""
+    model = models.create_model(
+        ctx.config["_model_name"],
+        num_classes=len(ctx.data.class_names),
+        # a resumed run loads its own weights: no ImageNet file needed then
+        pretrained=ctx.config["_pretrained"] and not ctx.config["_resume"],
+    )
+    return ClassificationTask(model, ctx.data.class_weight)
+
+
+@ex.automain
+def main(_run, _config):
+    """Train the teacher, evaluate its best checkpoint on the validation fold and the test set."""
+    return run_training(_run, _config, teacher_task, extra_checks=[check_model])

@@ -1,0 +1,228 @@
+"""Config keys shared by every experiment script, the ``quick`` preset, and validation.
+
+The shared keys are defined ONCE here (:data:`SHARED_CONFIG`); each script adds
+its own keys through :func:`raug.experiment.make_experiment`. Relative paths
+(``_base_path``, ``_save_folder`` and any key a script lists) resolve against
+the repository root, not the working directory, so scripts run from anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sacred.utils import SacredError
+
+from raug.data import TEST_CSV, TRAIN_CSV
+from raug.device import AMP_CHOICES, check_device
+from raug.engine import VAL_METRICS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "results"
+COMPLETED_MARKER = "COMPLETED"
+
+SHARED_CONFIG: dict[str, Any] = {
+    "_folder": 2,  # validation fold (1..5); training uses the other folds
+    "_base_path": str(REPO_ROOT / "data" / "ISIC2019"),  # prepared data (run_preprocess.sh)
+    "_batch_size": 128,
+    "_epochs": 150,
+    "_lr_init": 1e-3,
+    "_sched_factor": 0.1,  # ReduceLROnPlateau on the validation loss
+    "_sched_patience": 10,
+    "_sched_min_lr": 1e-6,
+    "_early_stop": 15,  # epochs without improvement of _best_metric
+    "_weights": "frequency",  # class weights w_k = round(n_total / n_k, 3)
+    "_use_wce": True,  # False: unweighted cross-entropy
+    "_best_metric": "loss",  # or accuracy / balanced_accuracy / auc (validation)
+    "_pretrained": True,  # ImageNet backbone from the local torch hub cache
+    "_use_meta_data": False,
+    "_img_size": 224,
+    "_device": "auto",  # auto / cpu / cuda / cuda:<i>
+    "_num_workers": min(8, os.cpu_count() or 1),
+    "_amp": None,  # None / "off" / "bf16" / "fp16" (CUDA only)
+    "_channels_last": True,
+    "_compile": False,  # torch.compile (CUDA only)
+    "_resume": False,  # continue from <_save_folder>/last-checkpoint
+    "_save_folder": None,  # None: results/<script default>_fold<_folder>
+    "seed": 2021,
+}
+
+QUICK_CONFIG: dict[str, Any] = {
+    "_img_size": 64,
+    "_epochs": 3,
+    "_batch_size": 16,
+    "_pretrained": False,
+    "_num_workers": 0,
+    "_sched_patience": 1,
+    "_early_stop": 2,
+}
+
+# Keys that may change when a run is resumed (everything else must match).
+RESUMABLE_CHANGES = frozenset(
+    {"_epochs", "_early_stop", "_device", "_num_workers", "_amp", "_channels_last",
+     "_compile", "_resume", "_base_path", "_save_folder"}
+)
+
+Check = Callable[[Mapping[str, Any]], Iterable[str]]
+
+
+class ConfigError(SacredError, ValueError):
+    """Invalid configuration; Sacred prints only the message (no traceback)."""
+
+    def __init__(self, message: str):
+        """Create the error; ``message`` holds one line per problem."""
+        super().__init__(message, print_traceback=False)
+
+
+def resolve_repo_path(path: str | os.PathLike) -> Path:
+    """``path`` made absolute: relative paths are taken from the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (REPO_ROOT / path)
+
+
+def default_save_folder(name: str, folder: int) -> Path:
+    """Default ``_save_folder`` of a script: ``results/<name>_fold<folder>``."""
+    return RESULTS_DIR / f"{name}_fold{folder}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def shared_checks(config: Mapping[str, Any]) -> list[str]:
+    """One-line problems with the shared keys (no file access)."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            problems.append(f"{key}={config.get(key)!r} is invalid: {allowed}")
+
+    def integer(key: str, minimum: int) -> None:
+        value = config.get(key)
+        need(_is_int(value) and value >= minimum, key, f"expected an integer >= {minimum}")
+
+    missing = [k for k in SHARED_CONFIG if k not in config]
+    if missing:
+        return [f"missing config key(s): {missing}"]
+    integer("_folder", 1)
+    integer("_batch_size", 2)
+    integer("_epochs", 1)
+    integer("_sched_patience", 0)
+    integer("_early_stop", 1)
+    integer("_num_workers", 0)
+    integer("seed", 0)
+    size = config["_img_size"]
+    need(_is_int(size) and size > 0 and size % 32 == 0, "_img_size",
+         "expected a positive multiple of 32 (the networks downsample by 32)")
+    lr = config["_lr_init"]
+    need(_is_number(lr) and lr > 0, "_lr_init", "expected a number > 0")
+    factor = config["_sched_factor"]
+    need(_is_number(factor) and 0 < factor < 1, "_sched_factor", "expected a number in (0, 1)")
+    min_lr = config["_sched_min_lr"]
+    need(_is_number(min_lr) and min_lr >= 0, "_sched_min_lr", "expected a number >= 0")
+    need(config["_weights"] == "frequency", "_weights", "allowed: 'frequency'")
+    need(config["_best_metric"] in VAL_METRICS, "_best_metric", f"allowed: {list(VAL_METRICS)}")
+    need(config["_amp"] in AMP_CHOICES, "_amp", "allowed: None, 'off', 'bf16', 'fp16'")
+    for key in ("_use_wce", "_pretrained", "_use_meta_data", "_channels_last", "_compile", "_resume"):
+        need(isinstance(config[key], bool), key, "expected True or False")
+    if config["_use_meta_data"] is True:
+        problems.append(
+            "_use_meta_data=True is not supported: the networks take images only "
+            "(the dataset already provides batch['meta'] for a method that uses it)"
+        )
+    for key in ("_base_path", "_save_folder"):
+        need(isinstance(config[key], str) and config[key] != "", key, "expected a path")
+    device_problem = check_device(config["_device"])
+    if device_problem:
+        problems.append(device_problem)
+    return problems
+
+
+def data_checks(config: Mapping[str, Any]) -> list[str]:
+    """Problems found in the prepared data (CSV presence, ``_folder`` among the folds)."""
+    base = Path(config["_base_path"])
+    train_csv, test_csv = base / TRAIN_CSV, base / TEST_CSV
+    problems = []
+    for csv in (train_csv, test_csv):
+        if not csv.is_file():
+            problems.append(f"_base_path={str(base)!r}: {csv} not found (prepare the data with "
+                            "run_preprocess.sh or pass _base_path=<prepared folder>)")
+    if problems:
+        return problems
+    try:
+        folds = sorted(int(f) for f in pd.read_csv(train_csv, usecols=["folder"])["folder"].unique())
+    except ValueError as exc:
+        return [f"{train_csv}: cannot read the 'folder' column ({exc})"]
+    if config["_folder"] not in folds:
+        problems.append(f"_folder={config['_folder']!r} is invalid: the folds in {train_csv} are {folds}")
+    return problems
+
+
+def validate_config(
+    config: Mapping[str, Any], extra_checks: Iterable[Check] = (), check_files: bool = True
+) -> None:
+    """Raise :class:`ConfigError` listing every problem, one line each.
+
+    Args:
+        config: the run's config (paths already absolute).
+        extra_checks: script-specific checks, each ``config -> iterable of problems``.
+        check_files: also look at the prepared data (skipped for ``print_config``).
+    """
+    problems = shared_checks(config)
+    for check in extra_checks:
+        problems.extend(check(config))
+    if check_files and isinstance(config.get("_base_path"), str) and _is_int(config.get("_folder")):
+        problems.extend(data_checks(config))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def finished_run_markers(save_folder: str | os.PathLike) -> list[str]:
+    """Files in ``save_folder`` that show a run already trained there."""
+    folder = Path(save_folder)
+    candidates = (
+        "best-checkpoint/best-checkpoint.pth",
+        "last-checkpoint/last-checkpoint.pth",
+        COMPLETED_MARKER,
+    )
+    return [c for c in candidates if (folder / c).exists()]
+
+
+def check_save_folder(save_folder: str | os.PathLike, resume: bool) -> None:
+    """Refuse to start a new run over a finished one (nothing is touched).
+
+    Raises:
+        ConfigError: ``resume=False`` and the folder holds checkpoints or a
+            ``COMPLETED`` marker; or ``resume=True`` with markers but no last checkpoint.
+    """
+    found = finished_run_markers(save_folder)
+    if not found:
+        return
+    if not resume:
+        raise ConfigError(
+            f"_save_folder={str(save_folder)!r} already holds a run ({', '.join(found)}); "
+            "nothing was changed. To continue that run add `_resume=True`; to start a new "
+            "one choose another folder with `_save_folder=<new folder>`."
+        )
+    if "last-checkpoint/last-checkpoint.pth" not in found:
+        raise ConfigError(
+            f"_resume=True but {save_folder}/last-checkpoint/last-checkpoint.pth does not exist "
+            f"(found {', '.join(found)}); choose another `_save_folder=<new folder>`."
+        )
+
+
+def resume_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose value differs between a checkpoint's config and the current one."""
+    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    return sorted(
+        f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    )

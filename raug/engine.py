@@ -1,0 +1,523 @@
+"""The one training loop every method shares.
+
+:func:`fit` trains a :class:`raug.task.Task`: device placement, channels-last,
+AMP, optional ``torch.compile``, SGD + ReduceLROnPlateau (or caller-supplied
+optimizer/scheduler factories), early stopping on a validation value,
+checkpoints every epoch (atomic; best and last), exact resume, per-epoch
+metrics to the log and to Sacred, and a clear error on a non-finite loss.
+
+Read it top to bottom: :func:`fit` is the loop, the helpers below it are one
+epoch of training and one pass of evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import SGD, Optimizer
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from tqdm.auto import tqdm
+
+from raug.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
+from raug.data import set_loader_epoch
+from raug.device import amp_dtype, autocast, resolve_device
+from raug.early_stopping import EarlyStopping, metric_mode
+from raug.metrics import accuracy, balanced_accuracy, macro_auc
+from raug.outputs import RunOutputs
+from raug.task import Task
+
+log = logging.getLogger(__name__)
+
+BEST_CHECKPOINT = "best-checkpoint/best-checkpoint.pth"
+LAST_CHECKPOINT = "last-checkpoint/last-checkpoint.pth"
+VAL_METRICS = ("loss", "accuracy", "balanced_accuracy", "auc")
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[[Optimizer], Any]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss (or one of its parts) became NaN or infinite."""
+
+
+@dataclass
+class FitSettings:
+    """Everything :func:`fit` needs besides the task and the data.
+
+    ``best_metric`` is a validation value: ``"loss"`` (lower is better) or
+    ``"accuracy"``, ``"balanced_accuracy"``, ``"auc"`` (higher is better).
+    ``best_path``/``last_path`` are relative to the run folder; ``log_prefix``
+    is prepended to every logged metric name (e.g. ``"phase1."``).
+    """
+
+    epochs: int
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    sched_factor: float = 0.1
+    sched_patience: int = 10
+    sched_min_lr: float = 1e-6
+    early_stop: int = 15
+    best_metric: str = "loss"
+    device: str | torch.device = "cpu"
+    amp: str | None = None
+    channels_last: bool = True
+    compile: bool = False
+    resume: bool = False
+    best_path: str = BEST_CHECKPOINT
+    last_path: str = LAST_CHECKPOINT
+    log_prefix: str = ""
+    desc: str = "epoch"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> FitSettings:
+        """Settings from the shared config keys (``_epochs``, ``_lr_init``, ...)."""
+        settings = cls(
+            epochs=int(config["_epochs"]),
+            lr=float(config["_lr_init"]),
+            sched_factor=float(config["_sched_factor"]),
+            sched_patience=int(config["_sched_patience"]),
+            sched_min_lr=float(config["_sched_min_lr"]),
+            early_stop=int(config["_early_stop"]),
+            best_metric=str(config["_best_metric"]),
+            device=config["_device"],
+            amp=config["_amp"],
+            channels_last=bool(config["_channels_last"]),
+            compile=bool(config["_compile"]),
+            resume=bool(config["_resume"]),
+        )
+        return replace(settings, **overrides)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns."""
+
+    best_epoch: int
+    best_value: float | None
+    last_epoch: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_checkpoint: Path | None = None
+    last_checkpoint: Path | None = None
+
+
+def default_optimizer(settings: FitSettings) -> OptimizerFactory:
+    """The seed's SGD: momentum 0.9, weight decay 1e-3, lr ``_lr_init``."""
+    return lambda params: SGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+
+
+def default_scheduler(settings: FitSettings) -> SchedulerFactory:
+    """ReduceLROnPlateau on the validation loss (``_sched_factor/_patience/_min_lr``)."""
+    return lambda opt: ReduceLROnPlateau(
+        opt,
+        mode="min",
+        factor=settings.sched_factor,
+        patience=settings.sched_patience,
+        min_lr=settings.sched_min_lr,
+    )
+
+
+def fit(
+    task: Task,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    settings: FitSettings,
+    outputs: RunOutputs,
+    *,
+    optimizer: OptimizerFactory | None = None,
+    scheduler: SchedulerFactory | None = None,
+    checkpoint_info: Mapping[str, Any] | None = None,
+    resume_checkpoint: Mapping[str, Any] | None = None,
+) -> FitResult:
+    """Train ``task`` for ``settings.epochs`` epochs (or until early stopping).
+
+    Args:
+        task: the method (see :mod:`raug.task`).
+        train_loader: training batches (its sampler's ``set_epoch`` is called).
+        val_loader: validation batches (monitored for the scheduler and early stopping).
+        settings: see :class:`FitSettings`.
+        outputs: where checkpoints and metrics go.
+        optimizer: factory ``params -> Optimizer`` (default: :func:`default_optimizer`).
+        scheduler: factory ``optimizer -> scheduler`` (default: :func:`default_scheduler`).
+            A ``ReduceLROnPlateau`` steps on the validation loss, others once per epoch.
+        checkpoint_info: metadata stored in every checkpoint (model name, class
+            names, image size, normalisation, config).
+        resume_checkpoint: an already loaded last checkpoint to continue from;
+            by default ``settings.resume`` loads ``settings.last_path`` if it exists.
+
+    Returns:
+        The best/last epochs, the per-epoch history and the checkpoint paths.
+
+    Raises:
+        NonFiniteLossError: a NaN/inf loss; the last written checkpoints stay valid.
+    """
+    device = resolve_device(settings.device)
+    dtype = amp_dtype(settings.amp, device)
+    memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
+    task.to(device, memory_format)
+    _maybe_compile(task, settings.compile, device)
+
+    params = list(task.parameters())
+    opt = (optimizer or default_optimizer(settings))(params)
+    sched = (scheduler or default_scheduler(settings))(opt)
+    # Loss scaling is only needed for float16 (bf16 has float32's range).
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    stopper = EarlyStopping(settings.early_stop, metric_mode(settings.best_metric))
+    history: list[dict[str, float]] = []
+    start = 1
+
+    state = resume_checkpoint
+    if state is None and settings.resume and outputs.path(settings.last_path).is_file():
+        state = load_checkpoint(outputs.path(settings.last_path))
+    if state is not None:
+        _restore(state, task, opt, sched, scaler, stopper)
+        history = [dict(row) for row in state["history"]]
+        start = int(state["epoch"]) + 1
+        log.info("resuming after epoch %d from %s", start - 1, outputs.path(settings.last_path))
+        for row in history:  # the new Sacred run gets the whole curve
+            _log_row(outputs, row, settings.log_prefix)
+
+    def payload(epoch: int, lean: bool) -> dict[str, Any]:
+        return _checkpoint_payload(
+            task, epoch, history, stopper, opt, sched, scaler, checkpoint_info, lean
+        )
+
+    for epoch in range(start, settings.epochs + 1):
+        if stopper.should_stop:
+            break
+        tic = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        train_stats = train_one_epoch(task, train_loader, opt, scaler, device, dtype, epoch, settings)
+        val_stats = validate(task, val_loader, device, dtype, epoch)
+        if settings.best_metric not in val_stats:
+            raise KeyError(
+                f"best_metric={settings.best_metric!r} is not produced by this task's "
+                f"validation (available: {sorted(val_stats)})"
+            )
+        if isinstance(sched, ReduceLROnPlateau):
+            sched.step(val_stats["loss"])
+        else:
+            sched.step()
+        improved = stopper.step(val_stats[settings.best_metric], epoch)
+
+        row = {"epoch": epoch, "lr": lr}
+        row.update({f"train.{k}": v for k, v in train_stats.items()})
+        row.update({f"val.{k}": v for k, v in val_stats.items()})
+        history.append(row)
+        _log_row(outputs, row, settings.log_prefix)
+        # Best before last: after a crash between the two writes, resuming reruns
+        # this epoch from the previous last checkpoint and rewrites the same best.
+        if improved:
+            outputs.save_checkpoint(settings.best_path, payload(epoch, lean=True))
+        outputs.save_checkpoint(settings.last_path, payload(epoch, lean=False))
+        log.info(_summary(row, settings, time.perf_counter() - tic, improved, stopper))
+
+    if stopper.should_stop:
+        log.info(
+            "early stopping: no improvement of val %s for %d epochs (best epoch %d)",
+            settings.best_metric, stopper.bad_epochs, stopper.best_epoch,
+        )
+    last_epoch = int(history[-1]["epoch"]) if history else 0
+    return FitResult(
+        best_epoch=stopper.best_epoch,
+        best_value=stopper.best,
+        last_epoch=last_epoch,
+        stopped_early=stopper.should_stop,
+        history=history,
+        best_checkpoint=outputs.path(settings.best_path) if stopper.best_epoch else None,
+        last_checkpoint=outputs.path(settings.last_path) if history else None,
+    )
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(
+    task: Task,
+    loader: Iterable,
+    opt: Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    epoch: int,
+    settings: FitSettings,
+) -> dict[str, float]:
+    """One pass over ``loader`` with optimizer steps; returns sample-weighted means.
+
+    Keys: ``loss``, every named part of the step output, and ``accuracy`` /
+    ``balanced_accuracy`` of the training predictions when the step returns logits.
+    """
+    task.train()
+    if hasattr(loader, "sampler"):
+        set_loader_epoch(loader, epoch)
+    sums: dict[str, float] = {}
+    seen = 0
+    preds, labels = [], []
+    bar = tqdm(loader, desc=f"{settings.desc} {epoch}/{settings.epochs} train", leave=False,
+               dynamic_ncols=True)
+    for index, batch in enumerate(bar):
+        batch = to_device(batch, device, settings.channels_last)
+        with autocast(device, dtype):
+            out = task.train_step(batch)
+        values = _scalars(out)  # one device sync per batch for all parts
+        _check_finite(values, f"epoch {epoch}, batch {index} (training)")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(out["loss"]).backward()
+        scaler.step(opt)
+        scaler.update()
+
+        n = _batch_len(batch)
+        seen += n
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value * n
+        if "logits" in out and "label" in batch:
+            preds.append(out["logits"].detach().argmax(dim=1).cpu())
+            labels.append(batch["label"].detach().cpu())
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+    if seen == 0:
+        raise RuntimeError("the training loader yielded no batch (dataset smaller than a batch?)")
+    stats = {name: total / seen for name, total in sums.items()}
+    if preds:
+        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+        stats["accuracy"] = accuracy(y_true, y_pred)
+        stats["balanced_accuracy"] = balanced_accuracy(y_true, y_pred)
+    return stats
+
+
+@dataclass
+class EvalOutput:
+    """Everything one evaluation pass produced (on the CPU)."""
+
+    stats: dict[str, float]
+    logits: torch.Tensor | None
+    labels: torch.Tensor | None
+    ids: list[str]
+
+
+def evaluate(
+    task: Task,
+    loader: Iterable,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+    desc: str = "eval",
+) -> EvalOutput:
+    """Run ``task.eval_step`` over ``loader`` without gradients.
+
+    Returns sample-weighted means of ``loss`` and the other scalar parts, and
+    the concatenated float32 logits, labels and image ids.
+    """
+    task.eval()
+    sums: dict[str, float] = {}
+    seen = 0
+    logits, labels, ids = [], [], []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+            batch = to_device(batch, device, channels_last)
+            with autocast(device, dtype):
+                out = task.eval_step(batch)
+            n = _batch_len(batch)
+            seen += n
+            for name, value in _scalars(out).items():
+                sums[name] = sums.get(name, 0.0) + value * n
+            if "logits" in out:
+                logits.append(out["logits"].float().cpu())
+            if "label" in batch:
+                labels.append(batch["label"].cpu())
+            ids.extend(batch.get("id", []))
+    stats = {name: total / max(seen, 1) for name, total in sums.items()}
+    return EvalOutput(
+        stats=stats,
+        logits=torch.cat(logits) if logits else None,
+        labels=torch.cat(labels) if labels else None,
+        ids=ids,
+    )
+
+
+def validate(
+    task: Task, loader: Iterable, device: torch.device, dtype: torch.dtype | None, epoch: int
+) -> dict[str, float]:
+    """Validation loss/parts plus accuracy, balanced accuracy and macro AUC (when logits exist)."""
+    result = evaluate(task, loader, device, dtype, desc=f"epoch {epoch} val")
+    _check_finite(result.stats, f"epoch {epoch} (validation)")
+    stats = dict(result.stats)
+    if result.logits is not None and result.labels is not None:
+        y_true = result.labels.numpy()
+        probs = torch.softmax(result.logits, dim=1).numpy()
+        stats["accuracy"] = accuracy(y_true, probs.argmax(axis=1))
+        stats["balanced_accuracy"] = balanced_accuracy(y_true, probs.argmax(axis=1))
+        stats["auc"] = macro_auc(y_true, probs)
+    return stats
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bool) -> dict:
+    """Move the tensors of a batch to ``device`` (images channels-last if asked)."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.dim() == 4 and value.is_floating_point():
+                value = value.contiguous(memory_format=torch.channels_last)
+        moved[key] = value
+    return moved
+
+
+def _batch_len(batch: Mapping[str, Any]) -> int:
+    if "label" in batch:
+        return int(batch["label"].shape[0])
+    return int(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
+
+
+def _scalars(out: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar entries of a step output as Python floats, with one device sync."""
+    if "loss" not in out:
+        raise KeyError(f"a step must return a scalar 'loss'; got keys {sorted(out)}")
+    device = out["loss"].device if isinstance(out["loss"], torch.Tensor) else None
+    names, values = [], []
+    for name, value in out.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and name != "logits":
+            values.append(value.detach().float().reshape(()).to(device))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            values.append(torch.tensor(float(value), device=device))
+        else:
+            continue
+        names.append(name)
+    return dict(zip(names, torch.stack(values).tolist()))
+
+
+def _check_finite(values: Mapping[str, float], where: str) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        parts = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at {where}: {parts}; the last checkpoint written before "
+            "this epoch is kept (lower _lr_init or check the data)"
+        )
+
+
+def _maybe_compile(task: Task, enabled: bool, device: torch.device) -> None:
+    if not enabled:
+        return
+    if device.type != "cuda":
+        log.info("_compile=True ignored on %s: torch.compile is used on CUDA only", device)
+        return
+    # nn.Module.compile() compiles in place, so state_dict keys keep their names.
+    for module in (*task.modules.values(), *task.frozen_modules.values()):
+        module.compile()
+
+
+def _log_row(outputs: RunOutputs, row: Mapping[str, float], prefix: str) -> None:
+    step = int(row["epoch"])
+    for name, value in row.items():
+        if name != "epoch":
+            outputs.log_scalar(f"{prefix}{name}", value, step)
+
+
+def _summary(row, settings: FitSettings, seconds: float, improved: bool, stopper) -> str:
+    def fmt(key: str) -> str:
+        value = row.get(key)
+        return "-" if value is None else f"{value:.4f}"
+
+    parts = [
+        f"{settings.log_prefix}{settings.desc} {int(row['epoch'])}/{settings.epochs}",
+        f"train loss {fmt('train.loss')} acc {fmt('train.accuracy')} bacc {fmt('train.balanced_accuracy')}",
+        f"val loss {fmt('val.loss')} acc {fmt('val.accuracy')} bacc {fmt('val.balanced_accuracy')} auc {fmt('val.auc')}",
+        f"lr {row['lr']:.2e}",
+        f"{seconds:.1f}s",
+    ]
+    tail = " *best*" if improved else f" (no improvement {stopper.bad_epochs}/{stopper.patience})"
+    return " | ".join(parts) + tail
+
+
+def _scheduler_state(sched) -> dict[str, Any]:
+    """Scheduler state in weights_only-loadable types (MultiStepLR keeps a Counter)."""
+    return {k: dict(v) if isinstance(v, Counter) else v for k, v in sched.state_dict().items()}
+
+
+def _load_scheduler_state(sched, state: Mapping[str, Any]) -> None:
+    counters = {k for k, v in vars(sched).items() if isinstance(v, Counter)}
+    sched.load_state_dict(dict(state))
+    for key in counters:
+        setattr(sched, key, Counter(getattr(sched, key)))
+
+
+def _checkpoint_payload(task, epoch, history, stopper, opt, sched, scaler, info, lean) -> dict:
+    """Self-describing checkpoint; ``lean`` (best) leaves out the resume-only state."""
+    model = task.modules["model"]
+    payload: dict[str, Any] = {
+        "model_name": getattr(model, "model_name", type(model).__name__),
+        "num_classes": getattr(model, "num_classes", None),
+        **dict(info or {}),
+        "epoch": int(epoch),
+        "model_state_dict": model.state_dict(),
+        "extra_state_dicts": {k: m.state_dict() for k, m in task.modules.items() if k != "model"},
+        "metrics": dict(history[-1]),
+        "history": [dict(r) for r in history],
+        "early_stop": stopper.state_dict(),
+        "best_epoch": stopper.best_epoch,
+    }
+    if not lean:
+        payload.update(
+            optimizer_state_dict=opt.state_dict(),
+            scheduler_state_dict=_scheduler_state(sched),
+            scaler_state_dict=scaler.state_dict(),
+            rng=capture_rng_state(),
+        )
+    return payload
+
+
+def _restore(state, task, opt, sched, scaler, stopper) -> None:
+    """Load a last checkpoint into the live objects (modules, optimizer, RNG, ...)."""
+    missing = [n for n in task.modules if n != "model" and n not in state.get("extra_state_dicts", {})]
+    if missing:
+        raise KeyError(f"the checkpoint to resume from has no state for module(s) {missing}")
+    load_modules(task, state)
+    opt.load_state_dict(state["optimizer_state_dict"])
+    _load_scheduler_state(sched, state["scheduler_state_dict"])
+    if state.get("scaler_state_dict"):
+        scaler.load_state_dict(state["scaler_state_dict"])
+    stopper.load_state_dict(state["early_stop"])
+    restore_rng_state(state["rng"])
+
+
+def load_modules(task: Task, checkpoint: Mapping[str, Any]) -> None:
+    """Load a checkpoint's ``model_state_dict``/``extra_state_dicts`` into ``task.modules``."""
+    task.modules["model"].load_state_dict(checkpoint["model_state_dict"])
+    extras = checkpoint.get("extra_state_dicts", {})
+    for name, module in task.modules.items():
+        if name != "model" and name in extras:
+            module.load_state_dict(extras[name])
+
+
+__all__ = [
+    "BEST_CHECKPOINT",
+    "LAST_CHECKPOINT",
+    "VAL_METRICS",
+    "EvalOutput",
+    "FitResult",
+    "FitSettings",
+    "NonFiniteLossError",
+    "default_optimizer",
+    "default_scheduler",
+    "evaluate",
+    "fit",
+    "load_modules",
+    "to_device",
+    "train_one_epoch",
+    "validate",
+]

@@ -1,0 +1,415 @@
+"""Sacred glue shared by the experiment scripts, and the one runner they call.
+
+A script is three parts (see ``experiment/isic/isic.py``)::
+
+    ex = make_experiment("isic", {"_model_name": "resnet-50"}, save_name="isic_teacher")
+
+    @ex.automain
+    def main(_run, _config):
+        return run_training(_run, _config, build_task=teacher_task)
+
+:func:`make_experiment` adds the shared keys (:data:`raug.config.SHARED_CONFIG`),
+the script's keys, the named config ``quick``, a config hook that resolves
+paths and validates the config (before any run folder exists), and the default
+observer: a FileStorageObserver whose runs go to ``<_save_folder>/<id>/``,
+active only when the command line names no observer (``-F DIR``, ``-m URL``,
+``--sql``, ``--tiny_db``, ``--s3``).
+
+:func:`run_training` is everything after the config: data, task, the
+:func:`raug.engine.fit` loop, evaluation of the best checkpoint on the
+validation fold and the test set, files and Sacred artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sacred import Experiment
+from sacred.dependencies import gather_sources_and_dependencies
+from sacred.observers import FileStorageObserver, RunObserver
+
+from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
+from raug.config import (
+    COMPLETED_MARKER,
+    QUICK_CONFIG,
+    REPO_ROOT,
+    SHARED_CONFIG,
+    Check,
+    ConfigError,
+    check_save_folder,
+    default_save_folder,
+    resolve_repo_path,
+    resume_mismatches,
+    validate_config,
+)
+from raug.data import IsicData, build_data
+from raug.device import amp_dtype, resolve_device
+from raug.engine import FitResult, FitSettings, fit, load_modules
+from raug.evaluate import SPLIT_FILES, evaluate_split
+from raug.isic2019 import split_hash
+from raug.outputs import RunOutputs
+from raug.plots import plot_history
+from raug.task import Task
+
+log = logging.getLogger(__name__)
+
+OBSERVER_FLAGS = ("--file_storage", "--mongo_db", "--sql", "--tiny_db", "--s3")
+HEADLINE_METRICS = ("loss", "accuracy", "balanced_accuracy", "top2_accuracy", "auc")
+_PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+ \[")
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+class ProgressBarFilter:
+    """Sacred ``captured_out_filter``: keep log lines, drop tqdm redraws from ``cout.txt``.
+
+    Sacred calls the filter with (previous filtered output + new raw text), and
+    FileStorageObserver appends only what lies beyond the length it already
+    wrote. So the filter must never change text it returned before: it only
+    appends complete lines (ended by ``\\n`` or ``\\r``) that are neither blank
+    nor a progress bar, and keeps an unfinished line pending until it ends.
+    The terminal still shows the live bars.
+    """
+
+    def __init__(self) -> None:
+        """Start with nothing emitted."""
+        self._emitted = ""
+        self._pending = ""
+
+    def __call__(self, text: str) -> str:
+        """Filter one snapshot of the captured output."""
+        if not text.startswith(self._emitted):  # a new run in the same process
+            self._emitted, self._pending = "", ""
+        work = self._pending + text[len(self._emitted):]
+        pieces = _LINE_END.split(work)
+        self._pending = pieces.pop()
+        kept = [p for p in pieces if p.strip() and not _PROGRESS_BAR.search(p)]
+        self._emitted += "".join(f"{line}\n" for line in kept)
+        return self._emitted
+
+
+# ----------------------------------------------------------------------------- experiment
+
+
+class SaveFolderObserver(RunObserver):
+    """FileStorageObserver under ``config["_save_folder"]``, unless the CLI chose observers.
+
+    Added to every experiment in code. At the start event it looks at the
+    parsed command-line options: if ``-F``/``-m``/... were given it stays
+    silent; otherwise it creates a ``FileStorageObserver(_save_folder)`` and
+    forwards every event to it.
+    """
+
+    priority = 20
+
+    def __init__(self) -> None:
+        """Start inactive; :meth:`started_event` decides."""
+        self.delegate: FileStorageObserver | None = None
+
+    def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        """Create the delegate under ``_save_folder`` when no observer was requested."""
+        options = meta_info.get("options", {}) or {}
+        if any(options.get(flag) for flag in OBSERVER_FLAGS):
+            self.delegate = None
+            return None
+        self.delegate = FileStorageObserver(config["_save_folder"])
+        return self.delegate.started_event(
+            ex_info, command, host_info, start_time, config, meta_info, _id
+        )
+
+    def queued_event(self, *args, **kwargs):
+        """Queueing is not supported by the default observer (use -F with -q)."""
+        return None
+
+    def heartbeat_event(self, info, captured_out, beat_time, result):
+        """Forward."""
+        if self.delegate:
+            self.delegate.heartbeat_event(info, captured_out, beat_time, result)
+
+    def completed_event(self, stop_time, result):
+        """Forward."""
+        if self.delegate:
+            self.delegate.completed_event(stop_time, result)
+
+    def interrupted_event(self, interrupt_time, status):
+        """Forward."""
+        if self.delegate:
+            self.delegate.interrupted_event(interrupt_time, status)
+
+    def failed_event(self, fail_time, fail_trace):
+        """Forward."""
+        if self.delegate:
+            self.delegate.failed_event(fail_time, fail_trace)
+
+    def resource_event(self, filename):
+        """Forward."""
+        if self.delegate:
+            self.delegate.resource_event(filename)
+
+    def artifact_event(self, name, filename, metadata=None, content_type=None):
+        """Forward."""
+        if self.delegate:
+            self.delegate.artifact_event(name, filename, metadata, content_type)
+
+    def log_metrics(self, metrics_by_name, info):
+        """Forward."""
+        if self.delegate:
+            self.delegate.log_metrics(metrics_by_name, info)
+
+
+def make_experiment(
+    name: str,
+    script_config: Mapping[str, Any],
+    quick_overrides: Mapping[str, Any] | None = None,
+    *,
+    save_name: str | None = None,
+    path_keys: Iterable[str] = (),
+    extra_checks: Iterable[Check] = (),
+) -> Experiment:
+    """The Sacred experiment of one script, with the shared keys defined once.
+
+    Args:
+        name: experiment name (the ``script`` column of ``python -m raug.runs``).
+        script_config: the script's own keys and defaults (may override shared ones).
+        quick_overrides: script-specific additions to the ``quick`` named config.
+        save_name: default ``_save_folder`` is ``results/<save_name>_fold<_folder>``
+            (default: ``name``).
+        path_keys: further config keys holding paths to resolve against the repo root.
+        extra_checks: script-specific validation, ``config -> iterable of one-line problems``.
+
+    Returns:
+        The experiment; the script adds ``@ex.automain``.
+    """
+    ex = Experiment(name, save_git_info=False)
+    _track_script_sources(ex, sys._getframe(1).f_globals)
+    ex.add_config(dict(SHARED_CONFIG))
+    ex.add_config(dict(script_config))
+    ex.add_named_config("quick", {**QUICK_CONFIG, **dict(quick_overrides or {})})
+    ex.captured_out_filter = ProgressBarFilter()
+    checks = tuple(extra_checks)
+    path_keys = ("_base_path", "_save_folder", *path_keys)
+    default_name = save_name or name
+
+    @ex.config_hook
+    def resolve_and_validate(config, command_name, logger):
+        updates = {}
+        if config.get("_save_folder") is None and "_folder" in config:
+            updates["_save_folder"] = str(default_save_folder(default_name, config["_folder"]))
+        for key in path_keys:
+            value = updates.get(key, config.get(key))
+            if isinstance(value, str) and value:
+                updates[key] = str(resolve_repo_path(value))
+        merged = {**config, **updates}
+        is_main = command_name == ex.default_command
+        validate_config(merged, checks, check_files=is_main)
+        if is_main:
+            # Before any observer has created a run folder in it.
+            check_save_folder(merged["_save_folder"], merged["_resume"])
+        return updates
+
+    ex.observers.append(SaveFolderObserver())
+    return ex
+
+
+def _track_script_sources(ex: Experiment, script_globals: dict) -> None:
+    """Record the calling script (not this module) as the experiment's main file.
+
+    Sacred takes the main file from the frame that constructs ``Experiment``,
+    which is this module. Re-scan from the script's globals; inside the
+    repository the scope is the repository root, so the sources saved with
+    each run include the ``raug``/``models``/``kd_losses`` modules it imports.
+    """
+    main_file = Path(script_globals.get("__file__", "")).resolve()
+    base_dir = REPO_ROOT if main_file.is_relative_to(REPO_ROOT) else main_file.parent
+    ex.base_dir = str(base_dir)
+    ex.doc = script_globals.get("__doc__", "")
+    ex.mainfile, ex.sources, ex.dependencies = gather_sources_and_dependencies(
+        script_globals, save_git_info=False, base_dir=str(base_dir)
+    )
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@dataclass
+class RunContext:
+    """What a script's ``build_task`` receives."""
+
+    config: dict[str, Any]
+    device: torch.device
+    data: IsicData
+    outputs: RunOutputs
+    settings: FitSettings
+    run: Any = None
+
+
+TaskBuilder = Callable[[RunContext], Task]
+
+
+def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON-plain copy of a (read-only, nested) Sacred config."""
+    return json.loads(json.dumps(config))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (Sacred does the same at run start)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - third-party code draws from the legacy RNG
+    torch.manual_seed(seed)
+
+
+def checkpoint_info(config: Mapping[str, Any], class_names: list[str], task: Task) -> dict:
+    """The self-describing part of every checkpoint of this run."""
+    model = task.modules["model"]
+    return {
+        "model_name": getattr(model, "model_name", type(model).__name__),
+        "num_classes": int(getattr(model, "num_classes", len(class_names))),
+        "class_names": list(class_names),
+        "img_size": int(config["_img_size"]),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "config": plain_config(config),
+    }
+
+
+def load_resume_state(config: Mapping[str, Any], settings: FitSettings) -> dict | None:
+    """The last checkpoint to continue from (``_resume=True``), after checking its config.
+
+    Raises:
+        ConfigError: the checkpoint was written with a different config (keys
+            outside :data:`raug.config.RESUMABLE_CHANGES`).
+    """
+    path = resolve_repo_path(config["_save_folder"]) / settings.last_path
+    if not (config["_resume"] and path.is_file()):
+        if config["_resume"]:
+            log.info("_resume=True but %s does not exist: starting from scratch", path)
+        return None
+    state = load_checkpoint(path)
+    mismatches = resume_mismatches(state.get("config", {}), config)
+    if mismatches:
+        raise ConfigError(
+            f"cannot resume from {path}: its config differs in\n  " + "\n  ".join(mismatches)
+        )
+    return state
+
+
+def run_training(
+    _run: Any,
+    config: Mapping[str, Any],
+    build_task: TaskBuilder,
+    *,
+    optimizer=None,
+    scheduler=None,
+    extra_checks: Iterable[Check] = (),
+) -> dict[str, float]:
+    """Train, evaluate and record one run; returns the flat final metrics (the run's result).
+
+    Args:
+        _run: the Sacred run (``None`` outside Sacred).
+        config: the run's config (Sacred's ``_config``).
+        build_task: ``RunContext -> Task``; may itself call :func:`raug.engine.fit`
+            for a preliminary phase (e.g. SSD-KD's head fit) through ``ctx``.
+        optimizer: optional optimizer factory passed to :func:`raug.engine.fit`.
+        scheduler: optional scheduler factory passed to :func:`raug.engine.fit`.
+        extra_checks: the script's validation checks (rerun here for programmatic use).
+
+    Returns:
+        ``best_epoch``, ``best.val_<metric>``, ``epochs_run``, ``stopped_early``,
+        ``val.*`` and ``test.*`` metrics (see ``docs/engine.md``).
+    """
+    config = plain_config(config)
+    validate_config(config, extra_checks, check_files=True)
+    # Recorded, not a Sacred key: tables warn when runs mix splits (docs/comparisons.md), and
+    # being in every checkpoint's config it makes a resume on different data refuse.
+    config["_split_hash"] = split_hash(config["_base_path"])
+    if _run is not None:
+        _run.info["split_hash"] = config["_split_hash"]
+    settings = FitSettings.from_config(config)
+    resume_state = load_resume_state(config, settings)
+    if resume_state is None:
+        check_save_folder(config["_save_folder"], resume=False)
+    device = resolve_device(config["_device"])
+    seed_everything(int(config["seed"]))
+    log.info("device %s; data %s (validation fold %s)", device, config["_base_path"], config["_folder"])
+
+    data = build_data(config, device)
+    outputs = RunOutputs(config["_save_folder"], run=_run)
+    ctx = RunContext(config, device, data, outputs, settings, _run)
+    log.info(
+        "images: %d train / %d val / %d test; class weights %s",
+        len(data.train), len(data.val), len(data.test),
+        None if data.class_weight is None else [round(w, 3) for w in data.class_weight.tolist()],
+    )
+    task = build_task(ctx)
+    result = fit(
+        task, data.train_loader, data.val_loader, settings, outputs,
+        optimizer=optimizer, scheduler=scheduler,
+        checkpoint_info=checkpoint_info(config, data.class_names, task),
+        resume_checkpoint=resume_state,
+    )
+    return finish_run(ctx, task, result)
+
+
+def finish_run(ctx: RunContext, task: Task, result: FitResult) -> dict[str, float]:
+    """Evaluate the best checkpoint on val and test; write metrics, plots, artifacts, marker."""
+    outputs, settings = ctx.outputs, ctx.settings
+    history = pd.DataFrame(result.history)
+    outputs.write_csv("history.csv", history)
+    outputs.save_figure("history.png", plot_history(result.history))
+
+    if result.best_checkpoint is None:
+        raise RuntimeError(f"no best checkpoint in {outputs.folder}: no epoch improved {settings.best_metric}")
+    best = load_checkpoint(result.best_checkpoint)
+    load_modules(task, best)
+    dtype = amp_dtype(settings.amp, ctx.device)
+    metrics: dict[str, float] = {
+        "best_epoch": float(result.best_epoch),
+        f"best.val_{settings.best_metric}": float(result.best_value),
+        "epochs_run": float(result.last_epoch),
+        "stopped_early": float(result.stopped_early),
+    }
+    for split, loader in (("val", ctx.data.val_loader), ("test", ctx.data.test_loader)):
+        metrics.update(
+            evaluate_split(task, loader, split, ctx.data.class_names, outputs, ctx.device,
+                           dtype, settings.channels_last)
+        )
+    outputs.write_json("metrics.json", metrics)
+
+    # Only test.* is logged: val.* names are the per-epoch curves already.
+    for name in HEADLINE_METRICS:
+        outputs.log_scalar(f"test.{name}", metrics[f"test.{name}"], result.best_epoch)
+    for split in ("val", "test"):
+        for filename in SPLIT_FILES:
+            outputs.add_artifact(f"{split}_pred/{filename}", f"{split}_{filename}")
+    outputs.add_artifact("metrics.json", "final_metrics.json")
+    outputs.add_artifact("history.csv", "history.csv")
+    outputs.add_artifact("history.png", "history.png")
+    outputs.add_artifact(settings.best_path, "best-checkpoint.pth")
+    outputs.write_json(
+        COMPLETED_MARKER,
+        {"completed": datetime.now(UTC).isoformat(timespec="seconds"),
+         "run_id": getattr(ctx.run, "_id", None), "best_epoch": result.best_epoch},
+    )
+    log.info(
+        "test: accuracy %.4f, balanced accuracy %.4f, AUC %.4f (best epoch %d)",
+        metrics["test.accuracy"], metrics["test.balanced_accuracy"], metrics["test.auc"],
+        result.best_epoch,
+    )
+    return run_result(metrics, settings.best_metric)
+
+
+def run_result(metrics: Mapping[str, float], best_metric: str) -> dict[str, float]:
+    """The Sacred result: the headline subset of ``metrics.json`` (per-class values stay there)."""
+    keys = ["best_epoch", f"best.val_{best_metric}", "epochs_run", "stopped_early"]
+    keys += [f"{split}.{name}" for split in ("val", "test") for name in ("n", *HEADLINE_METRICS)]
+    return {key: metrics[key] for key in keys}

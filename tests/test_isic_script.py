@@ -1,0 +1,156 @@
+"""`isic.py with quick` end to end on the prepared synthetic data: every output file."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import models
+from raug.checkpoint import IMAGENET_MEAN, is_project_checkpoint, load_checkpoint
+from raug.data import CLASS_NAMES, TEST_CSV, TRAIN_CSV
+from raug.metrics import balanced_accuracy
+from raug.runs import load_runs
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiment" / "isic" / "isic.py"
+PNG = b"\x89PNG\r\n\x1a\n"
+ARGS = ["_img_size=32", "_epochs=2", "_batch_size=32", "_device=cpu"]
+
+
+def run_isic(cwd, base, out, *extra):
+    cmd = [sys.executable, str(SCRIPT), "with", "quick", f"_base_path={base}",
+           f"_save_folder={out}", *ARGS, *extra]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(prepared_isic, tmp_path_factory):
+    """One quick teacher run, started from an unrelated working directory."""
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    proc = run_isic(elsewhere, prepared_isic, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"base": Path(prepared_isic), "out": out, "proc": proc, "cwd": elsewhere}
+
+
+def test_sacred_run_completed_with_per_epoch_metrics(teacher_run):
+    run_dir = teacher_run["out"] / "1"
+    assert {"config.json", "run.json", "metrics.json", "cout.txt"} <= {p.name for p in run_dir.iterdir()}
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "COMPLETED"
+    assert run["experiment"]["name"] == "isic"
+    assert run["experiment"]["mainfile"] == "experiment/isic/isic.py"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["_model_name"] == "resnet-50"
+    assert config["_img_size"] == 32
+    assert config["_pretrained"] is False
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name in ("train.loss", "train.accuracy", "train.balanced_accuracy", "val.loss",
+                 "val.accuracy", "val.balanced_accuracy", "val.auc", "lr"):
+        assert metrics[name]["steps"] == [1, 2], name
+        assert all(np.isfinite(metrics[name]["values"]))
+    for name in ("test.accuracy", "test.balanced_accuracy", "test.auc", "test.top2_accuracy"):
+        assert metrics[name]["values"] == [pytest.approx(run["result"][name])]
+    cout = (run_dir / "cout.txt").read_text()
+    assert "epoch 1/2 | train loss" in cout
+    assert "epoch 2/2 | train loss" in cout
+    assert "%|" not in cout  # progress bars stay on the terminal
+    artifacts = set(run["artifacts"])
+    assert {"best-checkpoint.pth", "test_predictions.csv", "val_predictions.csv",
+            "final_metrics.json", "history.png", "test_roc_curves.png"} <= artifacts
+
+
+def test_checkpoints_are_self_describing_and_load_with_weights_only(teacher_run):
+    out = teacher_run["out"]
+    best_path = out / "best-checkpoint" / "best-checkpoint.pth"
+    last_path = out / "last-checkpoint" / "last-checkpoint.pth"
+    for path in (best_path, last_path):
+        assert isinstance(torch.load(path, map_location="cpu", weights_only=True), dict)
+    best, last = load_checkpoint(best_path), load_checkpoint(last_path)
+    for ck in (best, last):
+        assert is_project_checkpoint(ck)
+        assert ck["model_name"] == "resnet-50"
+        assert ck["num_classes"] == 8
+        assert ck["class_names"] == list(CLASS_NAMES)
+        assert ck["img_size"] == 32
+        assert ck["normalization"]["mean"] == pytest.approx(IMAGENET_MEAN)
+        assert ck["config"]["_save_folder"] == str(out)
+    assert last["epoch"] == 2
+    assert len(last["history"]) == 2
+    assert {"optimizer_state_dict", "scheduler_state_dict", "rng", "early_stop"} <= set(last)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert best["epoch"] == metrics["best_epoch"]
+    model = models.create_model("resnet-50", 8)
+    model.load_state_dict(best["model_state_dict"])
+
+
+def test_predictions_csv_matches_reported_metrics(teacher_run):
+    out, base = teacher_run["out"], teacher_run["base"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    result = json.loads((out / "1" / "run.json").read_text())["result"]
+    full = pd.read_csv(base / TRAIN_CSV)
+    expected_ids = {"test": list(pd.read_csv(base / TEST_CSV)["image"].astype(str)),
+                    "val": list(full.loc[full["folder"] == 2, "image"].astype(str))}
+    for split in ("val", "test"):
+        frame = pd.read_csv(out / f"{split}_pred" / "predictions.csv", dtype={"image": str})
+        assert list(frame.columns) == ["image", "REAL", "PRED", *CLASS_NAMES]
+        assert list(frame["image"]) == expected_ids[split]
+        probs = frame[list(CLASS_NAMES)].to_numpy()
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+        assert list(frame["PRED"]) == [CLASS_NAMES[k] for k in probs.argmax(axis=1)]
+        real = frame["REAL"].map(CLASS_NAMES.index).to_numpy()
+        pred = frame["PRED"].map(CLASS_NAMES.index).to_numpy()
+        bacc = balanced_accuracy(real, pred, len(CLASS_NAMES))
+        assert bacc == pytest.approx(metrics[f"{split}.balanced_accuracy"], abs=1e-12)
+        assert bacc == pytest.approx(result[f"{split}.balanced_accuracy"], abs=1e-12)
+        assert metrics[f"{split}.n"] == len(frame)
+
+
+def test_plots_and_marker(teacher_run):
+    out = teacher_run["out"]
+    pngs = [out / "history.png"] + [
+        out / f"{split}_pred" / name
+        for split in ("val", "test")
+        for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "roc_curves.png")
+    ]
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG, png
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    marker = json.loads((out / "COMPLETED").read_text())
+    assert marker["run_id"] == "1"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("best_epoch", "test.accuracy", "test.balanced_accuracy", "test.auc",
+                "test.top2_accuracy", "val.balanced_accuracy", "test.recall.MEL"):
+        assert key in metrics
+    # nothing left half-written
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_rerun_refuses_and_changes_nothing(teacher_run):
+    out = teacher_run["out"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    proc = run_isic(teacher_run["cwd"], teacher_run["base"], out)
+    assert proc.returncode != 0
+    assert "already holds a run" in proc.stderr
+    assert "_resume=True" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_runs_table_lists_the_run(teacher_run):
+    frame = load_runs(teacher_run["out"].parent)
+    assert len(frame) == 1
+    row = frame.iloc[0]
+    assert row["script"] == "isic"
+    assert row["status"] == "COMPLETED"
+    assert row["_folder"] == 2
+    assert row["_img_size"] == 32
+    metrics = json.loads((teacher_run["out"] / "metrics.json").read_text())
+    assert row["test.balanced_accuracy"] == metrics["test.balanced_accuracy"]
+    assert row["test.recall.MEL"] == metrics["test.recall.MEL"]
+    assert row["best_val"] == metrics["best.val_loss"]

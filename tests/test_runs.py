@@ -1,0 +1,99 @@
+"""The runs table: FileStorage discovery, columns, CLI formats (MongoDB only with MONGO_URL)."""
+
+import io
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from raug.runs import load_runs, load_runs_mongo, main, to_markdown
+
+
+def fake_run(folder, run_id, name, status, config, result=None, start="2026-01-02T03:04:05.000000",
+             stop="2026-01-02T03:05:35.500000"):
+    run_dir = folder / str(run_id)
+    run_dir.mkdir(parents=True)
+    run = {"experiment": {"name": name}, "status": status, "start_time": start,
+           "stop_time": stop if status != "RUNNING" else None,
+           "heartbeat": stop, "result": result}
+    (run_dir / "run.json").write_text(json.dumps(run))
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return run_dir
+
+
+@pytest.fixture
+def results(tmp_path):
+    teacher = tmp_path / "results" / "isic_teacher_fold2"
+    fake_run(teacher, 1, "isic", "COMPLETED",
+             {"_folder": 2, "seed": 1, "_img_size": 64, "_save_folder": str(teacher),
+              "_best_metric": "loss", "nested": {"a": 1}},
+             {"best_epoch": 3.0, "best.val_loss": 0.5, "test.accuracy": 0.7,
+              "test.balanced_accuracy": 0.6, "test.auc": 0.9})
+    (teacher / "COMPLETED").write_text(json.dumps({"run_id": "1"}))
+    (teacher / "metrics.json").write_text(json.dumps({"test.auc.MEL": 0.95, "test.accuracy": 0.7}))
+    student = tmp_path / "results" / "dkd"
+    fake_run(student, 1, "isic_d_kd", "FAILED",
+             {"_folder": 3, "seed": 2, "_kd_method": "d_kd", "_save_folder": str(student),
+              "_best_metric": "balanced_accuracy"},
+             start="2026-01-02T04:00:00.000000", stop="2026-01-02T04:00:10.000000")
+    fake_run(student, 2, "isic_d_kd", "RUNNING",
+             {"_folder": 3, "seed": 3, "_kd_method": "blkd", "_save_folder": str(student)},
+             start="2026-01-02T05:00:00.000000", stop="2026-01-02T05:01:00.000000")
+    (student / "_sources").mkdir()
+    return tmp_path / "results"
+
+
+def test_load_runs_columns(results):
+    frame = load_runs(results)
+    assert list(frame["script"]) == ["isic", "isic_d_kd", "isic_d_kd"]  # sorted by start
+    assert list(frame["status"]) == ["COMPLETED", "FAILED", "RUNNING"]
+    assert list(frame["folder"]) == ["isic_teacher_fold2", "dkd", "dkd"]
+    teacher = frame.iloc[0]
+    assert teacher["duration_s"] == pytest.approx(90.5)
+    assert teacher["nested.a"] == 1
+    assert teacher["test.balanced_accuracy"] == 0.6
+    assert teacher["best_val"] == 0.5
+    assert teacher["test.auc.MEL"] == 0.95  # completed from the save folder's metrics.json
+    assert frame.iloc[1]["_kd_method"] == "d_kd"
+    assert pd.isna(frame.iloc[1]["test.accuracy"])
+    assert frame.iloc[2]["duration_s"] == pytest.approx(60.0)  # from the heartbeat
+    assert frame["start"].dt.tz is not None
+
+
+def test_metrics_json_of_another_run_is_not_attributed(results):
+    (results / "isic_teacher_fold2" / "COMPLETED").write_text(json.dumps({"run_id": "7"}))
+    assert "test.auc.MEL" not in load_runs(results).columns
+
+
+def test_cli_formats_and_sort(results, capsys):
+    assert main([str(results), "--format", "csv", "--sort", "seed", "--desc"]) == 0
+    frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(frame["seed"]) == [3, 2, 1]
+    assert {"id", "script", "status", "_kd_method", "test.balanced_accuracy"} <= set(frame.columns)
+
+    assert main([str(results), "--format", "markdown"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| id | folder | script | status |")
+    assert out[1].startswith("|---|")
+    assert len(out) == 5
+
+    assert main([str(results)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["id", "folder", "script", "status"]
+    assert "COMPLETED" in table[1]
+
+    assert main([str(results), "--sort", "nope"]) == 2
+    assert "not a column" in capsys.readouterr().err
+    assert main([str(results / "missing")]) == 2
+
+
+def test_markdown_cells():
+    frame = pd.DataFrame({"a": [0.123456, float("nan")], "b": ["x", None]})
+    assert to_markdown(frame).splitlines()[2:] == ["| 0.1235 | x |", "|  |  |"]
+
+
+@pytest.mark.skipif("MONGO_URL" not in os.environ, reason="set MONGO_URL (host:port) to test the MongoDB reader")
+def test_mongo_reader():
+    frame = load_runs_mongo(os.environ["MONGO_URL"], os.environ.get("MONGO_DB", "sacred"))
+    assert {"id", "script", "status", "start"} <= set(frame.columns)
