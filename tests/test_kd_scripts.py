@@ -1,0 +1,340 @@
+"""isic_d_kd.py / isic_ssd_kd.py end to end (the seed's command lines) and their config validation."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import models
+from raug.checkpoint import is_project_checkpoint, load_checkpoint, save_checkpoint
+from raug.config import SHARED_CONFIG, ConfigError
+from raug.data import CLASS_NAMES
+from raug.methods.kd_config import (
+    DKD_CONFIG,
+    KD_SHARED_CONFIG,
+    SSDKD_CONFIG,
+    dkd_checks,
+    ssdkd_checks,
+    teacher_checks,
+)
+from raug.methods.teacher import default_teacher_ckpt, load_teacher
+from raug.metrics import balanced_accuracy
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "experiment" / "isic"
+FAST = ["_img_size=32", "_device=cpu", "_num_workers=0"]
+SEED_DKD = ['_kd_method="d_kd"', "_lambd_drkd=1", "_lambd_crkd=1000"]
+SEED_SSD = ['_kd_method="ssd_kd"', "_lambd_drkd=1", "_lambd_crkd=1000"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Other jobs share the 2 CPU cores; one intra-op thread avoids oversubscription.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_script(name, *args):
+    """``python <name>.py with quick <args>`` as a user types it, from experiment/isic."""
+    cmd = [sys.executable, f"{name}.py", "with", "quick", *args]
+    # One OpenMP thread: on shared cores, more threads spin-wait on each other (5x slower).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=SCRIPTS, env=env, capture_output=True, text=True, timeout=900)
+
+
+def load_script(name):
+    """Import a script's module (its ``ex``) without running it."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ex
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(prepared_isic, tmp_path_factory):
+    """A quick teacher by isic.py, then one D-KD and one SSD-KD student from it."""
+    root = tmp_path_factory.mktemp("kd_runs")
+    base = Path(prepared_isic)
+    common = [f"_base_path={base}", *FAST]
+    load_script("isic").run(named_configs=["quick"], config_updates={
+        "_base_path": str(base), "_img_size": 32, "_device": "cpu", "_num_workers": 0,
+        "_save_folder": str(root / "teacher"), "_epochs": 1, "_batch_size": 48})
+    teacher = root / "teacher" / "best-checkpoint" / "best-checkpoint.pth"
+    with_teacher = [*common, f"_teacher_ckpt={teacher}"]
+    dkd = ok(run_script("isic_d_kd", *SEED_DKD, *with_teacher, f"_save_folder={root / 'dkd'}",
+                        "_batch_size=24"))
+    ssd = ok(run_script("isic_ssd_kd", *SEED_SSD, *with_teacher, f"_save_folder={root / 'ssd'}",
+                        "_epochs=1", "_epochs_tune=2", "_batch_size=12"))
+    return {"root": root, "base": base, "teacher": teacher, "dkd": root / "dkd",
+            "ssd": root / "ssd", "procs": {"dkd": dkd, "ssd": ssd}}
+
+
+def check_run(folder, name, epochs, train_parts):
+    """The Sacred run completed and logged every part per epoch; returns (run, metrics)."""
+    run_dir = folder / "1"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "COMPLETED"
+    assert run["experiment"]["name"] == name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    steps = list(range(1, epochs + 1))
+    for part in ("loss", "accuracy", "balanced_accuracy", *train_parts):
+        assert metrics[f"train.{part}"]["steps"] == steps, part
+        assert np.all(np.isfinite(metrics[f"train.{part}"]["values"])), part
+    for key in ("val.loss", "val.balanced_accuracy", "val.auc", "lr"):
+        assert metrics[key]["steps"] == steps, key
+    for key in ("test.accuracy", "test.balanced_accuracy", "test.auc"):
+        assert metrics[key]["values"] == [pytest.approx(run["result"][key])]
+    final = json.loads((folder / "metrics.json").read_text())
+    assert final["test.balanced_accuracy"] == pytest.approx(run["result"]["test.balanced_accuracy"])
+    assert (folder / "COMPLETED").is_file()
+    assert (folder / "history.png").read_bytes().startswith(b"\x89PNG")
+    return run, metrics
+
+
+def check_student_checkpoints(folder, extras):
+    """Best and last checkpoints: weights_only, student in model_state_dict, helpers in extras."""
+    for rel in ("best-checkpoint/best-checkpoint.pth", "last-checkpoint/last-checkpoint.pth"):
+        raw = torch.load(folder / rel, map_location="cpu", weights_only=True)
+        assert is_project_checkpoint(raw)
+        assert raw["model_name"] == "mobilenet"
+        assert raw["class_names"] == list(CLASS_NAMES)
+        assert raw["img_size"] == 32
+        assert set(raw["extra_state_dicts"]) == set(extras)
+        models.load_weights(models.create_model("mobilenet", 8), raw)
+        adapter = models.ConvReg((1280, 1, 1), (2048, 1, 1))
+        adapter.load_state_dict(raw["extra_state_dicts"]["adapter"])
+        if "proj_head" in extras:
+            models.ProjectionHead(1280).load_state_dict(raw["extra_state_dicts"]["proj_head"])
+
+
+def check_predictions(folder, run):
+    frame = pd.read_csv(folder / "test_pred" / "predictions.csv")
+    assert list(frame.columns) == ["image", "REAL", "PRED", *CLASS_NAMES]
+    probs = frame[list(CLASS_NAMES)].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    index = {c: i for i, c in enumerate(CLASS_NAMES)}
+    bacc = balanced_accuracy(frame["REAL"].map(index), frame["PRED"].map(index))
+    assert bacc == pytest.approx(run["result"]["test.balanced_accuracy"])
+
+
+def test_dkd_seed_command_runs_and_writes_isic_py_outputs(runs):
+    folder = runs["dkd"]
+    run, _ = check_run(folder, "isic_d_kd", 2,
+                       ("ce", "kd", "rkd_distance", "rkd_angle", "channel_relation"))
+    config = json.loads((folder / "1" / "config.json").read_text())
+    assert (config["_kd_method"], config["_lambd_drkd"], config["_lambd_crkd"]) == ("d_kd", 1, 1000)
+    assert config["_teacher_ckpt"] == str(runs["teacher"])
+    check_student_checkpoints(folder, {"adapter"})
+    check_predictions(folder, run)
+    assert "loaded and frozen" in (folder / "1" / "cout.txt").read_text()
+
+
+def test_ssd_seed_command_runs_both_phases_and_writes_isic_py_outputs(runs):
+    folder = runs["ssd"]
+    run, metrics = check_run(folder, "isic_ssd_kd", 1,
+                             ("ce", "kd", "tf", "ss", "hr", "n_tf", "n_ss", "rkd_distance",
+                              "rkd_angle", "channel_relation"))
+    for key in ("phase1.train.loss", "phase1.train.ss_acc", "phase1.val.loss", "phase1.val.ss_acc",
+                "phase1.lr"):
+        assert metrics[key]["steps"] == [1, 2], key
+    assert metrics["phase1.reused"]["values"] == [0.0]
+    check_student_checkpoints(folder, {"adapter", "proj_head"})
+    check_predictions(folder, run)
+
+    head = load_checkpoint(folder / "teacher-head" / "teacher-head.pth")
+    assert head["kind"] == "ssd-kd-teacher-head"
+    assert head["teacher"]["path"] == str(runs["teacher"])
+    assert head["teacher"]["sha256"] == hashlib.sha256(runs["teacher"].read_bytes()).hexdigest()
+    assert head["fit"]["_epochs_tune"] == 2
+    assert head["best_value"] == pytest.approx(min(metrics["phase1.val.loss"]["values"]))
+    models.ProjectionHead(2048).load_state_dict(head["model_state_dict"])
+    assert "fitting the teacher's projection head" in (folder / "1" / "cout.txt").read_text()
+
+
+@pytest.mark.slow  # ~15-25 s on shared cores; test_ssdkd.py covers reuse at the function level
+def test_a_second_ssd_run_reuses_the_saved_teacher_head(runs):
+    head = runs["ssd"] / "teacher-head" / "teacher-head.pth"
+    before = (head.read_bytes(), head.stat().st_mtime_ns)
+    ok(run_script("isic_ssd_kd", f"_base_path={runs['base']}", *FAST,
+                  f"_teacher_ckpt={runs['teacher']}", f"_save_folder={runs['root'] / 'ssd2'}",
+                  f"_teacher_head={head}", "_epochs=1", "_epochs_tune=2", "_batch_size=12"))
+    assert (head.read_bytes(), head.stat().st_mtime_ns) == before
+    cout = (runs["root"] / "ssd2" / "1" / "cout.txt").read_text()
+    assert "teacher head reused" in cout
+    assert "fitting" not in cout
+
+
+def test_default_teacher_is_where_isic_py_writes_its_best_checkpoint():
+    run = load_script("isic").run("print_config", config_updates={"_pretrained": False, "_folder": 3})
+    expected = Path(run.config["_save_folder"]) / "best-checkpoint" / "best-checkpoint.pth"
+    assert default_teacher_ckpt(3) == str(expected)
+    # print_config works before the teacher exists (the file is checked for the main command)
+    assert not expected.exists()
+    for script, method in (("isic_d_kd", "d_kd"), ("isic_ssd_kd", "ssd_kd")):
+        kd = load_script(script).run("print_config", config_updates={"_pretrained": False, "_folder": 3})
+        assert kd.config["_teacher_ckpt"] == str(expected)
+        assert kd.config["_save_folder"] == str(REPO / "results" / f"student_{method}_fold3")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.fixture(scope="module")
+def teacher_files(runs):
+    """The quick teacher, a student checkpoint (wrong architecture) and broken files."""
+    folder = runs["root"] / "bad_teachers"
+    folder.mkdir(exist_ok=True)
+    corrupt = folder / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    net = models.create_model("mobilenet", 8)
+    permuted = save_checkpoint(folder / "permuted.pth", {
+        "model_name": "mobilenet", "num_classes": 8, "class_names": list(reversed(CLASS_NAMES)),
+        "model_state_dict": net.state_dict()})
+    return {"good": str(runs["teacher"]), "student": str(runs["dkd"] / "best-checkpoint" / "best-checkpoint.pth"),
+            "corrupt": str(corrupt), "permuted": str(permuted), "missing": str(folder / "none.pth")}
+
+
+def dkd_config(teacher, **kw):
+    return {**SHARED_CONFIG, **KD_SHARED_CONFIG, **DKD_CONFIG, "_pretrained": False,
+            "_save_folder": "/tmp/unused", "_teacher_ckpt": teacher, **kw}
+
+
+def ssd_config(teacher, **kw):
+    return {**dkd_config(teacher), **SSDKD_CONFIG, **kw}
+
+
+DKD_BAD = [
+    ({"_kd_method": "dkd"}, "_kd_method='dkd' is invalid: allowed ['none', 'blkd', 'rkd', 'crkd', 'd_kd', 'fitnet']"),
+    ({"_model_name_student": "vgg"}, "_model_name_student='vgg' is invalid: unknown model name"),
+    ({"_model_name_teacher": "resnet-18"}, "_model_name_teacher='resnet-18' is invalid"),
+    ({"_lambd_crkd": -1.0}, "_lambd_crkd=-1.0 is invalid: expected a number >= 0"),
+    ({"_lambd_drkd": "1"}, "_lambd_drkd='1' is invalid: expected a number >= 0"),
+    ({"_lambd": 1.5}, "_lambd=1.5 is invalid: expected a number in [0, 1]"),
+    ({"_lambd_drkd": float("inf")}, "_lambd_drkd=inf is invalid: expected a number >= 0"),
+    ({"_T": 0}, "_T=0 is invalid: expected a number > 0"),
+    ({"_lambd_fitnet": -0.1}, "_lambd_fitnet=-0.1 is invalid: expected a number >= 0"),
+    ({"_batch_size": 2}, "_batch_size=2 is invalid for _kd_method='d_kd': the RKD angle needs >= 3"),
+    ({"_layer_s": "layer3"}, "_layer_s='layer3' is invalid: only 'feats_7x7'"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), DKD_BAD)
+def test_dkd_config_errors_name_the_key_and_the_allowed_values(teacher_files, override, message):
+    problems = dkd_checks(dkd_config(teacher_files["good"], **override))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(message)
+    assert "\n" not in problems[0]
+
+
+SSD_BAD = [
+    ({"_kd_method": "d_kd"}, "_kd_method='d_kd' is invalid for isic_ssd_kd.py: allowed ['ssd_kd']"),
+    ({"_ss_T": -0.5}, "_ss_T=-0.5 is invalid: expected a number > 0"),
+    ({"_kd_T": 0.0}, "_kd_T=0.0 is invalid: expected a number > 0"),
+    ({"_ratio_tf": 1.5}, "_ratio_tf=1.5 is invalid: expected a number in [0, 1]"),
+    ({"_hr_w": -1}, "_hr_w=-1 is invalid: expected a number >= 0"),
+    ({"_epochs_tune": 0}, "_epochs_tune=0 is invalid: expected an integer >= 1"),
+    ({"_teacher_head": 3}, "_teacher_head=3 is invalid"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), SSD_BAD)
+def test_ssd_config_errors_name_the_key_and_the_allowed_values(teacher_files, override, message):
+    problems = ssdkd_checks(ssd_config(teacher_files["good"], **override))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [
+        ("missing", "does not exist: train the teacher first"),
+        ("corrupt", "cannot be read: checkpoint"),
+        ("student", "is a 'mobilenet' checkpoint but _model_name_teacher='resnet-50'"),
+    ],
+)
+def test_teacher_file_errors(teacher_files, which, message):
+    assert dkd_checks(dkd_config(teacher_files[which])) == []  # keys alone are fine
+    for problems in (teacher_checks(dkd_config(teacher_files[which])),
+                     teacher_checks(ssd_config(teacher_files[which]))):
+        assert len(problems) == 1, problems
+        assert problems[0].startswith(f"_teacher_ckpt={teacher_files[which]!r}")
+        assert message in problems[0]
+
+
+def test_teacher_with_another_class_set_is_refused(teacher_files):
+    problems = teacher_checks(dkd_config(teacher_files["permuted"], _model_name_teacher="mobilenet"))
+    assert len(problems) == 1
+    assert f"trained on classes {list(reversed(CLASS_NAMES))}" in problems[0]
+
+
+def test_seed_format_resnet_teacher_passes_the_checks_and_loads(runs, teacher_files):
+    project = load_checkpoint(runs["teacher"])
+    seed_file = runs["root"] / "bad_teachers" / "seed_format.pth"
+    torch.save({"epoch": 3, "model_state_dict": project["model_state_dict"]}, seed_file)
+    assert teacher_checks(dkd_config(str(seed_file))) == []
+    teacher = load_teacher(seed_file, "resnet-50", CLASS_NAMES, folder=2)
+    assert teacher.summary.kind == "seed"
+    for key, value in project["model_state_dict"].items():
+        assert torch.equal(teacher.model.state_dict()[key], value), key
+
+
+def test_valid_configs_pass_and_method_none_needs_no_teacher(teacher_files):
+    for config in (dkd_config(teacher_files["good"]), ssd_config(teacher_files["good"])):
+        assert teacher_checks(config) == []
+    assert dkd_checks(dkd_config(teacher_files["good"])) == []
+    assert ssdkd_checks(ssd_config(teacher_files["good"])) == []
+    none = dkd_config(teacher_files["missing"], _kd_method="none", _batch_size=2)
+    assert dkd_checks(none) == []
+    assert teacher_checks(none) == []
+    # the RKD angle's batch rule only applies when RKD is active
+    assert dkd_checks(dkd_config(teacher_files["good"], _kd_method="crkd", _batch_size=2)) == []
+    # SSD-KD's ">= 2 images" is the engine's shared _batch_size rule (next test)
+    assert ssdkd_checks(ssd_config(teacher_files["good"], _batch_size=1)) == []
+
+
+def test_ssd_batch_of_one_image_is_refused_by_the_shared_check(runs, teacher_files):
+    ex = load_script("isic_ssd_kd")
+    with pytest.raises(ConfigError, match=r"_batch_size=1 is invalid: expected an integer >= 2"):
+        ex.run(named_configs=["quick"], config_updates={
+            "_base_path": str(runs["base"]), "_teacher_ckpt": teacher_files["good"],
+            "_batch_size": 1, "_save_folder": str(runs["root"] / "never")})
+    assert not (runs["root"] / "never").exists()
+
+
+@pytest.mark.parametrize(("script", "which", "message"), [
+    ("isic_d_kd", "student", "is a 'mobilenet' checkpoint"),
+    ("isic_ssd_kd", "missing", "does not exist: train the teacher first"),
+])
+def test_bad_teacher_fails_before_any_run_folder(runs, teacher_files, script, which, message):
+    out = runs["root"] / f"never_{script}"
+    with pytest.raises(ConfigError, match=message):
+        load_script(script).run(named_configs=["quick"], config_updates={
+            "_base_path": str(runs["base"]), "_teacher_ckpt": teacher_files[which],
+            "_save_folder": str(out)})
+    assert not out.exists()
+
+
+def test_cli_error_is_one_line_per_problem_and_leaves_no_folder(runs, tmp_path):
+    out = tmp_path / "never"
+    proc = run_script("isic_d_kd", "_kd_method=dkd", "_T=-1", f"_base_path={runs['base']}",
+                      f"_save_folder={out}", f"_teacher_ckpt={runs['teacher']}")
+    assert proc.returncode != 0
+    assert "_kd_method='dkd' is invalid: allowed ['none', 'blkd', 'rkd', 'crkd', 'd_kd', 'fitnet']" in proc.stderr
+    assert "_T=-1 is invalid: expected a number > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
