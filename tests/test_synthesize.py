@@ -210,3 +210,12 @@ def test_classes_are_learnable_but_not_trivially():
     clf.fit((x_train - mean) / std, y_train)
     bacc = balanced_accuracy_score(y_test, clf.predict((np.stack(x_test) - mean) / std))
     assert 0.6 < bacc < 0.95
+
+
+def test_min_per_class_raises_the_floor_and_keeps_proportions_above_it():
+    counts = class_counts(1000, min_per_class=40)
+    assert sum(counts.values()) == 1000
+    assert min(counts.values()) == 40
+    assert counts["NV"] > counts["MEL"] > counts["BCC"] > counts["BKL"] > 40
+    assert class_counts(1000) == class_counts(1000, min_per_class=10)
+    assert min(class_counts(200, min_per_class=40).values()) == 25  # n // 8 when N is too small

@@ -43,7 +43,6 @@ from raug.isic2019.schema import (
 MARKER = "ISIC_2019_Training_synthetic.json"
 JPEG_QUALITY = 90
 CLASS_FLOOR = 10
-FLOOR_FROM = 80  # below this many images the floor shrinks to num_images // 8
 
 # Independent random streams: SeedSequence([seed, stream, index]).
 _PLAN, _LESION, _VIEW = 0, 1, 2
@@ -67,20 +66,22 @@ class RenderJob:
     height: int
 
 
-def class_counts(num_images: int) -> dict[str, int]:
+def class_counts(num_images: int, min_per_class: int = CLASS_FLOOR) -> dict[str, int]:
     """Images per class, proportional to the real ISIC 2019 counts, with a floor.
 
     Largest-remainder rounding; classes that would fall under the floor
-    (``CLASS_FLOOR`` when ``num_images >= FLOOR_FROM``, else ``num_images // 8``)
-    are set to it and the rest is shared proportionally among the others.
+    (``min_per_class`` when ``num_images >= 8 * min_per_class``, else
+    ``num_images // 8``) are set to it and the rest is shared proportionally
+    among the others.
 
     Args:
         num_images: total number of images (>= 1).
+        min_per_class: the floor (default ``CLASS_FLOOR`` = 10, enough for 5 stratified folds).
 
     Returns:
         ``{class code: count}`` in ``REAL_CLASS_COUNTS`` order, summing to ``num_images``.
     """
-    floor = CLASS_FLOOR if num_images >= FLOOR_FROM else num_images // 8
+    floor = min_per_class if num_images >= 8 * min_per_class else num_images // 8
     fixed: dict[str, int] = {}
     while True:
         free = [c for c in REAL_CLASS_COUNTS if c not in fixed]
@@ -96,7 +97,8 @@ def class_counts(num_images: int) -> dict[str, int]:
         fixed.update(dict.fromkeys(low, floor))
 
 
-def make_plan(num_images: int, image_size: int, seed: int) -> list[dict]:
+def make_plan(num_images: int, image_size: int, seed: int,
+              min_per_class: int = CLASS_FLOOR) -> list[dict]:
     """Rows of the dataset: id, class, metadata, lesion grouping and image size.
 
     Args:
@@ -108,7 +110,7 @@ def make_plan(num_images: int, image_size: int, seed: int) -> list[dict]:
         One dict per image, sorted by image id (the official files' order).
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, _PLAN]))
-    counts = class_counts(num_images)
+    counts = class_counts(num_images, min_per_class)
     classes = rng.permutation(np.repeat(list(counts), list(counts.values())))
     numbers = np.cumsum(rng.choice([1, 1, 1, 2, 3], num_images)) - 1
     downsampled = rng.random(num_images) < 0.06
@@ -206,6 +208,7 @@ def synthesize(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    min_per_class: int = CLASS_FLOOR,
 ) -> Path:
     """Write a synthetic ISIC-2019-format training set under ``root``.
 
@@ -220,6 +223,7 @@ def synthesize(
         seed: non-negative integer seed.
         workers: worker processes for rendering (results do not depend on it).
         progress: show a progress bar.
+        min_per_class: floor of images per class (see :func:`class_counts`).
 
     Returns:
         ``root`` as a ``Path``.
@@ -233,12 +237,15 @@ def synthesize(
         raise DataError(f"--image-size must be >= 16 px, got {image_size}")
     if seed < 0:
         raise DataError(f"--seed must be a non-negative integer, got {seed}")
+    if min_per_class < 0:
+        raise DataError(f"--min-per-class must be >= 0, got {min_per_class}")
     root = Path(root)
     marker = root / MARKER
     previous = _previous_ids(root, marker)
-    rows = make_plan(num_images, image_size, seed)
+    rows = make_plan(num_images, image_size, seed, min_per_class)
     info = {"generator": "raug.isic2019.synthesize", "version": 1, "num_images": num_images,
-            "image_size": image_size, "seed": seed, "class_counts": class_counts(num_images)}
+            "image_size": image_size, "seed": seed,
+            "class_counts": class_counts(num_images, min_per_class)}
     write_if_changed(marker, (json.dumps(info, indent=2) + "\n").encode())
     jobs = [RenderJob(seed, i, r["lesion_key"], r["cls"], r["width"], r["height"])
             for i, r in enumerate(rows)]
@@ -279,6 +286,9 @@ def build_parser(default_root: str | Path | None = None) -> argparse.ArgumentPar
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="rendering processes; output does not depend on it (default min(4, CPUs))")
+    p.add_argument("--min-per-class", type=int, default=CLASS_FLOOR,
+                   help=f"floor of images per class when N allows (default {CLASS_FLOOR}; "
+                        "larger values give steadier per-class metrics on small sets)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -288,11 +298,12 @@ def main(argv: list[str] | None = None, default_root: str | Path | None = None) 
     args = build_parser(default_root).parse_args(argv)
     try:
         root = synthesize(args.root, args.num_images, args.image_size, args.seed,
-                          workers=args.workers, progress=not args.no_progress)
+                          workers=args.workers, progress=not args.no_progress,
+                          min_per_class=args.min_per_class)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    counts = ", ".join(f"{c} {n}" for c, n in class_counts(args.num_images).items())
+    counts = ", ".join(f"{c} {n}" for c, n in class_counts(args.num_images, args.min_per_class).items())
     print(f"wrote {args.num_images} synthetic ISIC 2019 images to {root} ({counts})")
     return 0
 

@@ -1,0 +1,137 @@
+"""The main job's comparison table: test metrics from the Sacred runs + portability figures.
+
+:func:`model_footprint` measures what a portable device cares about for a
+checkpoint (parameters, fp32 size, CPU latency per image at batch 1);
+:func:`comparison_frame` joins it with the runs' test metrics (read back from
+the Sacred logs by :func:`raug.runs.load_runs`); :func:`write_comparison`
+saves the table as markdown and CSV and draws a bar chart PNG.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import models
+from raug.checkpoint import atomic_write_text, load_checkpoint
+
+METRIC_COLUMNS = {
+    "test.accuracy": "test accuracy",
+    "test.balanced_accuracy": "test balanced accuracy",
+    "test.auc": "test macro AUC",
+}
+
+
+def model_footprint(checkpoint: str | Path, latency_px: int = 224, repeats: int = 20) -> dict:
+    """Parameters, fp32 size (MB) and median CPU batch-1 latency (ms) of a checkpoint's network.
+
+    Latency is measured on one thread-pool setting (torch's default), eval mode,
+    under ``inference_mode``, at ``latency_px`` (the deployment size, whatever
+    size the run trained at), after warm-up.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    model = models.create_model(ckpt["model_name"], ckpt["num_classes"])
+    models.load_weights(model, ckpt)
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+    x = torch.randn(1, 3, latency_px, latency_px).contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return {
+        "model": ckpt["model_name"],
+        "parameters (M)": params / 1e6,
+        "size fp32 (MB)": size_mb,
+        f"CPU latency @{latency_px}px (ms)": 1000 * statistics.median(times),
+    }
+
+
+def comparison_frame(runs: pd.DataFrame, steps: Mapping[str, str | Path], latency_px: int = 224) -> pd.DataFrame:
+    """One row per step: its COMPLETED run's test metrics and its best checkpoint's footprint.
+
+    Args:
+        runs: :func:`raug.runs.load_runs` of the folders below.
+        steps: ``{label: _save_folder}`` in display order.
+        latency_px: input size of the latency measurement.
+    """
+    rows = []
+    for label, folder in steps.items():
+        folder = Path(folder)
+        same_folder = runs["_save_folder"].map(Path) == folder
+        done = runs[(runs["status"] == "COMPLETED") & same_folder]
+        if done.empty:
+            raise ValueError(f"no COMPLETED run for {label!r} in {folder}")
+        run = done.iloc[-1]
+        row = {"method": label}
+        row.update({name: float(run[key]) for key, name in METRIC_COLUMNS.items()})
+        row.update(model_footprint(folder / "best-checkpoint" / "best-checkpoint.pth", latency_px))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table (3 decimals for metrics, 2 for sizes and times)."""
+    def cell(col: str, value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}" if col in METRIC_COLUMNS.values() else f"{value:.2f}"
+        return str(value)
+
+    head = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(c, v) for c, v in row.items()) + " |" for row in frame.to_dict("records")]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def plot_comparison(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Grouped bar chart of the three test metrics per method, with sizes in the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = list(METRIC_COLUMNS.values())
+    x = np.arange(len(frame))
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(1.8 * len(frame) + 3, 4.2))
+    for i, metric in enumerate(metrics):
+        bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, frame[metric], width, label=metric)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    size_col = "size fp32 (MB)"
+    ax.set_xticks(x, [f"{m}\n({s:.0f} MB)" for m, s in zip(frame["method"], frame[size_col])])
+    ax.set_ylim(0, 1.05)
+    ax.axhline(1 / 8, color="grey", lw=0.8, ls="--", label="chance (8 classes)")
+    ax.set_ylabel("score on the test split")
+    ax.set_title("Teacher vs distilled students")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_comparison(frame: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+    """``comparison.md``, ``comparison.csv`` and ``comparison.png`` in ``out_dir`` (atomic)."""
+    out_dir = Path(out_dir)
+    paths = {"markdown": out_dir / "comparison.md", "csv": out_dir / "comparison.csv",
+             "png": out_dir / "comparison.png"}
+    atomic_write_text(paths["markdown"], to_markdown(frame))
+    atomic_write_text(paths["csv"], frame.to_csv(index=False))
+    plot_comparison(frame, paths["png"])
+    return paths
