@@ -27,7 +27,7 @@ COMPLETED_MARKER = "COMPLETED"
 SHARED_CONFIG: dict[str, Any] = {
     "_folder": 2,  # validation fold (1..5); training uses the other folds
     "_base_path": str(REPO_ROOT / "data" / "ISIC2019"),  # prepared data (run_preprocess.sh)
-    "_batch_size": 128,
+    "_batch_size": 128,  # images per batch PER PROCESS (torchrun: global batch = N x this)
     "_epochs": 150,
     "_lr_init": 1e-3,
     "_sched_factor": 0.1,  # ReduceLROnPlateau on the validation loss
@@ -46,6 +46,8 @@ SHARED_CONFIG: dict[str, Any] = {
     "_channels_last": True,
     "_compile": False,  # torch.compile (CUDA only)
     "_resume": False,  # continue from <_save_folder>/last-checkpoint
+    "_sync_bn": False,  # torchrun on CUDA: SyncBatchNorm (BN statistics over the global batch)
+    "_gather_embeddings": False,  # torchrun: relational KD terms over the global batch
     "_save_folder": None,  # None: results/<script default>_fold<_folder>
     "seed": 2021,
 }
@@ -63,7 +65,7 @@ QUICK_CONFIG: dict[str, Any] = {
 # Keys that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = frozenset(
     {"_epochs", "_early_stop", "_device", "_num_workers", "_amp", "_channels_last",
-     "_compile", "_resume", "_base_path", "_save_folder"}
+     "_compile", "_resume", "_base_path", "_save_folder", "_sync_bn"}
 )
 
 Check = Callable[[Mapping[str, Any]], Iterable[str]]
@@ -130,7 +132,8 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     need(config["_weights"] == "frequency", "_weights", "allowed: 'frequency'")
     need(config["_best_metric"] in VAL_METRICS, "_best_metric", f"allowed: {list(VAL_METRICS)}")
     need(config["_amp"] in AMP_CHOICES, "_amp", "allowed: None, 'off', 'bf16', 'fp16'")
-    for key in ("_use_wce", "_pretrained", "_use_meta_data", "_channels_last", "_compile", "_resume"):
+    for key in ("_use_wce", "_pretrained", "_use_meta_data", "_channels_last", "_compile", "_resume",
+                "_sync_bn", "_gather_embeddings"):
         need(isinstance(config[key], bool), key, "expected True or False")
     if config["_use_meta_data"] is True:
         problems.append(

@@ -246,13 +246,33 @@ class EpochSampler(Sampler[tuple[int, int]]):
     epoch. Each index comes with its own augmentation seed, so what a sample
     looks like does not depend on which worker loads it or on how much of an
     RNG earlier epochs consumed.
+
+    With ``num_replicas > 1`` (torchrun) every rank draws the same global
+    ``(index, seed)`` sequence, pads it by repeating its head to a multiple of
+    ``num_replicas`` (every rank must run the same number of steps) and takes
+    every ``num_replicas``-th pair from position ``rank``. With one replica the
+    sequence is exactly the single-process one.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
-        """Create the sampler for ``num_samples`` items, seeded by the run ``seed``."""
+    def __init__(
+        self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, num_replicas: int = 1
+    ):
+        """Create the sampler for ``num_samples`` items, seeded by the run ``seed``.
+
+        Args:
+            num_samples: dataset length.
+            seed: run seed.
+            shuffle: random order (``False``: file order).
+            rank: this process's rank (0 .. ``num_replicas - 1``).
+            num_replicas: number of processes sharing the epoch.
+        """
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"EpochSampler: rank={rank} is outside num_replicas={num_replicas}")
         self.num_samples = num_samples
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.rank = rank
+        self.num_replicas = num_replicas
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -260,7 +280,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.num_samples
+        return -(-self.num_samples // self.num_replicas)  # ceil: padded share of one rank
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
@@ -269,7 +289,40 @@ class EpochSampler(Sampler[tuple[int, int]]):
         else:
             order = list(range(self.num_samples))
         seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=gen).tolist()
-        return iter(zip(order, seeds))
+        pairs = list(zip(order, seeds))
+        if self.num_replicas > 1:
+            total = len(self) * self.num_replicas
+            pairs = (pairs * (-(-total // max(len(pairs), 1))))[:total]
+            pairs = pairs[self.rank :: self.num_replicas]
+        return iter(pairs)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation shard of one rank: indices ``rank, rank + R, rank + 2R, ...`` (no padding).
+
+    Together the ranks cover every index exactly once; shards differ in length
+    by at most one. :attr:`shard_indices` tells the gathering code where each
+    evaluated row belongs (``raug.engine.evaluate`` restores the file order).
+    """
+
+    def __init__(self, num_samples: int, rank: int, num_replicas: int):
+        """Shard ``range(num_samples)`` for ``rank`` of ``num_replicas``."""
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"ShardSampler: rank={rank} is outside num_replicas={num_replicas}")
+        self.num_samples = num_samples
+        self.rank = rank
+        self.num_replicas = num_replicas
+
+    @property
+    def shard_indices(self) -> list[int]:
+        """The dataset indices this rank evaluates, in order."""
+        return list(range(self.rank, self.num_samples, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.num_replicas))
+
+    def __iter__(self):
+        return iter(self.shard_indices)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -288,6 +341,8 @@ def make_loader(
     device: torch.device,
     seed: int,
     train: bool,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A ``DataLoader`` with the project's reproducibility and speed settings.
 
@@ -296,16 +351,28 @@ def make_loader(
     image, which BatchNorm cannot train on; every other image is used.
     Evaluation loaders keep the file order and every sample.
 
+    Under torchrun (``world_size > 1``) the training sampler gives this rank its
+    padded share of the epoch and evaluation loaders a :class:`ShardSampler`
+    (each sample on exactly one rank); ``batch_size`` is per process.
+
     Args:
         dataset: the dataset.
-        batch_size: images per batch.
+        batch_size: images per batch (per process).
         num_workers: loader processes (0 loads in the main process).
         device: where the batches go (pinned memory only for CUDA).
         seed: run seed.
         train: training (shuffled, augmented) or evaluation loader.
+        rank: this process's rank.
+        world_size: number of processes.
     """
-    sampler = EpochSampler(len(dataset), seed, shuffle=True) if train else None
-    drop_last = train and len(dataset) % batch_size == 1
+    if train:
+        sampler = EpochSampler(len(dataset), seed, shuffle=True, rank=rank, num_replicas=world_size)
+    elif world_size > 1:
+        sampler = ShardSampler(len(dataset), rank, world_size)
+    else:
+        sampler = None
+    # Per rank: every rank holds the same number of samples, so all drop alike.
+    drop_last = train and len(sampler) % batch_size == 1
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -358,11 +425,12 @@ def load_splits(base_path: str | Path, folder: int) -> tuple[pd.DataFrame, pd.Da
     return train, val, test
 
 
-def build_data(config: Mapping, device: torch.device) -> IsicData:
+def build_data(config: Mapping, device: torch.device, rank: int = 0, world_size: int = 1) -> IsicData:
     """Datasets, class weights and loaders from the shared config keys.
 
-    Uses ``_base_path``, ``_folder``, ``_img_size``, ``_batch_size``,
-    ``_num_workers``, ``_weights``, ``_use_wce`` and ``seed``.
+    Uses ``_base_path``, ``_folder``, ``_img_size``, ``_batch_size`` (per
+    process), ``_num_workers``, ``_weights``, ``_use_wce`` and ``seed``;
+    ``rank``/``world_size`` shard the loaders under torchrun (see :func:`make_loader`).
     """
     base = Path(config["_base_path"])
     train_df, val_df, test_df = load_splits(base, int(config["_folder"]))
@@ -376,7 +444,8 @@ def build_data(config: Mapping, device: torch.device) -> IsicData:
 
     def loader(ds: IsicDataset, is_train: bool) -> DataLoader:
         return make_loader(
-            ds, int(config["_batch_size"]), int(config["_num_workers"]), device, seed, is_train
+            ds, int(config["_batch_size"]), int(config["_num_workers"]), device, seed, is_train,
+            rank=rank, world_size=world_size,
         )
 
     return IsicData(

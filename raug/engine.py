@@ -12,15 +12,17 @@ epoch of training and one pass of evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim import SGD, Optimizer
@@ -30,6 +32,19 @@ from tqdm.auto import tqdm
 from raug.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
 from raug.data import set_loader_epoch
 from raug.device import amp_dtype, autocast, resolve_device
+from raug.distributed import (
+    DataParallelModules,
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    broadcast_states,
+    convert_sync_batchnorm,
+    failed_ranks,
+    get_rank,
+    get_world_size,
+    is_initialized,
+    is_main_process,
+)
 from raug.early_stopping import EarlyStopping, metric_mode
 from raug.metrics import accuracy, balanced_accuracy, macro_auc
 from raug.outputs import RunOutputs
@@ -57,6 +72,8 @@ class FitSettings:
     ``"accuracy"``, ``"balanced_accuracy"``, ``"auc"`` (higher is better).
     ``best_path``/``last_path`` are relative to the run folder; ``log_prefix``
     is prepended to every logged metric name (e.g. ``"phase1."``).
+    ``sync_bn`` converts BatchNorm to ``SyncBatchNorm`` in a distributed CUDA run
+    (ignored otherwise, with a log line).
     """
 
     epochs: int
@@ -73,6 +90,7 @@ class FitSettings:
     channels_last: bool = True
     compile: bool = False
     resume: bool = False
+    sync_bn: bool = False
     best_path: str = BEST_CHECKPOINT
     last_path: str = LAST_CHECKPOINT
     log_prefix: str = ""
@@ -94,6 +112,7 @@ class FitSettings:
             channels_last=bool(config["_channels_last"]),
             compile=bool(config["_compile"]),
             resume=bool(config["_resume"]),
+            sync_bn=bool(config.get("_sync_bn", False)),
         )
         return replace(settings, **overrides)
 
@@ -160,13 +179,29 @@ def fit(
     Returns:
         The best/last epochs, the per-epoch history and the checkpoint paths.
 
+    Under torchrun (a process group exists) every rank calls ``fit`` with its
+    shard of the data: the trained modules run through ``DistributedDataParallel``
+    in the training steps, the validation predictions of all ranks are gathered,
+    every decision (LR, best epoch, early stop, non-finite loss) is the same on
+    all ranks, and only rank 0 writes (``outputs``). ``fit`` returns after a
+    barrier, so files rank 0 wrote are complete when any rank reads them.
+
     Raises:
-        NonFiniteLossError: a NaN/inf loss; the last written checkpoints stay valid.
+        NonFiniteLossError: a NaN/inf loss (on any rank: all ranks raise); the last
+            written checkpoints stay valid.
     """
+    distributed = is_initialized()
     device = resolve_device(settings.device)
+    if distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # cuda:LOCAL_RANK
     dtype = amp_dtype(settings.amp, device)
     memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
     task.to(device, memory_format)
+    if settings.sync_bn:
+        if distributed and device.type == "cuda":
+            convert_sync_batchnorm(task.modules)
+        else:
+            log.info("_sync_bn=True ignored: SyncBatchNorm needs a distributed run on CUDA")
     _maybe_compile(task, settings.compile, device)
 
     params = list(task.parameters())
@@ -188,6 +223,13 @@ def fit(
         log.info("resuming after epoch %d from %s", start - 1, outputs.path(settings.last_path))
         for row in history:  # the new Sacred run gets the whole curve
             _log_row(outputs, row, settings.log_prefix)
+        barrier()  # every rank has read the same checkpoint before rank 0 may overwrite it
+    parallel = None
+    if distributed:
+        # After the restore, so every rank starts from rank 0's weights (DDP broadcasts
+        # the modules it wraps; this covers the others too).
+        broadcast_states(task.modules, parameters=True)
+        parallel = DataParallelModules(task.modules, device)
 
     def payload(epoch: int, lean: bool) -> dict[str, Any]:
         return _checkpoint_payload(
@@ -199,8 +241,15 @@ def fit(
             break
         tic = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
-        train_stats = train_one_epoch(task, train_loader, opt, scaler, device, dtype, epoch, settings)
+        train_stats = train_one_epoch(task, train_loader, opt, scaler, device, dtype, epoch, settings,
+                                      parallel=parallel)
+        # Ranks updated their BatchNorm statistics on their own shards: evaluate rank 0's
+        # (the checkpointed ones) everywhere.
+        broadcast_states(task.modules)
         val_stats = validate(task, val_loader, device, dtype, epoch)
+        # Identical already (computed from the gathered predictions); rank 0's copy makes
+        # the LR / best / stop decisions the same on every rank by construction.
+        val_stats = broadcast_object(val_stats)
         if settings.best_metric not in val_stats:
             raise KeyError(
                 f"best_metric={settings.best_metric!r} is not produced by this task's "
@@ -230,6 +279,7 @@ def fit(
             settings.best_metric, stopper.bad_epochs, stopper.best_epoch,
         )
     last_epoch = int(history[-1]["epoch"]) if history else 0
+    barrier()  # rank 0's checkpoint writes are complete before any rank reads them
     return FitResult(
         best_epoch=stopper.best_epoch,
         best_value=stopper.best,
@@ -253,11 +303,15 @@ def train_one_epoch(
     dtype: torch.dtype | None,
     epoch: int,
     settings: FitSettings,
+    *,
+    parallel: DataParallelModules | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` with optimizer steps; returns sample-weighted means.
 
     Keys: ``loss``, every named part of the step output, and ``accuracy`` /
     ``balanced_accuracy`` of the training predictions when the step returns logits.
+    With ``parallel`` (distributed runs) the step runs through the DDP wrappers and
+    the means cover every rank's samples (the sampler's padding included).
     """
     task.train()
     if hasattr(loader, "sampler"):
@@ -266,10 +320,11 @@ def train_one_epoch(
     seen = 0
     preds, labels = [], []
     bar = tqdm(loader, desc=f"{settings.desc} {epoch}/{settings.epochs} train", leave=False,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not is_main_process())
     for index, batch in enumerate(bar):
         batch = to_device(batch, device, settings.channels_last)
-        with autocast(device, dtype):
+        substitute = parallel.substitute(task) if parallel else contextlib.nullcontext()
+        with autocast(device, dtype), substitute:
             out = task.train_step(batch)
         values = _scalars(out)  # one device sync per batch for all parts
         _check_finite(values, f"epoch {epoch}, batch {index} (training)")
@@ -288,9 +343,12 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
     if seen == 0:
         raise RuntimeError("the training loader yielded no batch (dataset smaller than a batch?)")
+    y_pred = torch.cat(preds).numpy() if preds else None
+    y_true = torch.cat(labels).numpy() if preds else None
+    if is_initialized():
+        sums, seen, y_pred, y_true = _gather_train_stats(sums, seen, y_pred, y_true)
     stats = {name: total / seen for name, total in sums.items()}
-    if preds:
-        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    if y_pred is not None:
         stats["accuracy"] = accuracy(y_true, y_pred)
         stats["balanced_accuracy"] = balanced_accuracy(y_true, y_pred)
     return stats
@@ -318,13 +376,19 @@ def evaluate(
 
     Returns sample-weighted means of ``loss`` and the other scalar parts, and
     the concatenated float32 logits, labels and image ids.
+
+    Distributed runs: when the loader's sampler is a rank's shard (it has
+    ``shard_indices``, see :class:`raug.data.ShardSampler`), every rank evaluates
+    its shard and gets back the whole split, in the dataset's order, each sample
+    once. A loader without shards is evaluated in full by every rank.
     """
     task.eval()
     sums: dict[str, float] = {}
     seen = 0
     logits, labels, ids = [], [], []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                          disable=not is_main_process()):
             batch = to_device(batch, device, channels_last)
             with autocast(device, dtype):
                 out = task.eval_step(batch)
@@ -337,13 +401,17 @@ def evaluate(
             if "label" in batch:
                 labels.append(batch["label"].cpu())
             ids.extend(batch.get("id", []))
-    stats = {name: total / max(seen, 1) for name, total in sums.items()}
-    return EvalOutput(
-        stats=stats,
+    result = EvalOutput(
+        stats=sums,
         logits=torch.cat(logits) if logits else None,
         labels=torch.cat(labels) if labels else None,
         ids=ids,
     )
+    shard = getattr(getattr(loader, "sampler", None), "shard_indices", None)
+    if is_initialized() and shard is not None:
+        result, seen = _gather_eval(result, seen, shard)
+    result.stats = {name: total / max(seen, 1) for name, total in result.stats.items()}
+    return result
 
 
 def validate(
@@ -401,13 +469,65 @@ def _scalars(out: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _check_finite(values: Mapping[str, float], where: str) -> None:
+    """Raise :class:`NonFiniteLossError` if any value is NaN/inf on any rank (all ranks raise)."""
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
+    # A collective in distributed runs: a rank that stopped alone would leave the
+    # others waiting forever in the next gradient all-reduce.
+    ranks = failed_ranks(bool(bad))
+    if ranks:
         parts = ", ".join(f"{k}={v}" for k, v in bad.items())
+        if get_world_size() > 1:
+            parts = f"on rank(s) {ranks}" + (f" (here, rank {get_rank()}: {parts})" if parts else "")
         raise NonFiniteLossError(
             f"non-finite loss at {where}: {parts}; the last checkpoint written before "
             "this epoch is kept (lower _lr_init or check the data)"
         )
+
+
+def _gather_train_stats(sums, seen, y_pred, y_true):
+    """Sum the per-rank loss sums and sample counts; concatenate the training predictions."""
+    parts = all_gather_object({"sums": sums, "seen": seen, "pred": y_pred, "true": y_true})
+    total: dict[str, float] = {}
+    for part in parts:
+        for name, value in part["sums"].items():
+            total[name] = total.get(name, 0.0) + value
+    count = sum(part["seen"] for part in parts)
+    if y_pred is None:
+        return total, count, None, None
+    pred = np.concatenate([part["pred"] for part in parts])
+    true = np.concatenate([part["true"] for part in parts])
+    return total, count, pred, true
+
+
+def _gather_eval(result: EvalOutput, seen: int, shard: Sequence[int]) -> tuple[EvalOutput, int]:
+    """Every rank's shard of an evaluation, merged in dataset order (each index once)."""
+    parts = all_gather_object({
+        "index": list(shard), "sums": result.stats, "seen": seen, "ids": result.ids,
+        "logits": result.logits, "labels": result.labels,
+    })
+    index = [i for part in parts for i in part["index"]]
+    if len(set(index)) != len(index) or sorted(index) != list(range(len(index))):
+        raise RuntimeError(
+            "evaluation shards do not partition the split: the ranks' samplers overlap or miss "
+            "samples (use raug.data.ShardSampler)"
+        )
+    order = torch.as_tensor(np.argsort(np.asarray(index), kind="stable"))
+    sums: dict[str, float] = {}
+    for part in parts:
+        for name, value in part["sums"].items():
+            sums[name] = sums.get(name, 0.0) + value
+
+    def merged(key: str) -> torch.Tensor | None:
+        tensors = [part[key] for part in parts]
+        return None if any(t is None for t in tensors) else torch.cat(tensors)[order]
+
+    ids = [i for part in parts for i in part["ids"]]
+    return EvalOutput(
+        stats=sums,
+        logits=merged("logits"),
+        labels=merged("labels"),
+        ids=[ids[k] for k in order.tolist()] if len(ids) == len(index) else ids,
+    ), sum(part["seen"] for part in parts)
 
 
 def _maybe_compile(task: Task, enabled: bool, device: torch.device) -> None:
@@ -478,6 +598,9 @@ def _checkpoint_payload(task, epoch, history, stopper, opt, sched, scaler, info,
             scaler_state_dict=scaler.state_dict(),
             rng=capture_rng_state(),
         )
+        if is_initialized():
+            # Each rank continues from its own RNG state after a resume (dropout masks).
+            payload["rng_by_rank"] = all_gather_object(payload["rng"])
     return payload
 
 
@@ -492,7 +615,11 @@ def _restore(state, task, opt, sched, scaler, stopper) -> None:
     if state.get("scaler_state_dict"):
         scaler.load_state_dict(state["scaler_state_dict"])
     stopper.load_state_dict(state["early_stop"])
-    restore_rng_state(state["rng"])
+    by_rank = state.get("rng_by_rank")
+    if by_rank is not None and len(by_rank) == get_world_size():
+        restore_rng_state(by_rank[get_rank()])
+    else:
+        restore_rng_state(state["rng"])
 
 
 def load_modules(task: Task, checkpoint: Mapping[str, Any]) -> None:

@@ -59,6 +59,10 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Evaluate ``task`` on one split and write its predictions and plots.
 
+    In a distributed run every rank calls it with its shard loader; the
+    predictions of all ranks are gathered (:func:`raug.engine.evaluate`), so the
+    metrics cover the whole split on every rank and rank 0 writes the files.
+
     Returns:
         Flat metrics named ``<split>.<metric>`` (see
         :func:`raug.metrics.classification_metrics`) plus ``<split>.loss``.
@@ -76,6 +80,8 @@ def evaluate_split(
     skipped = skipped_auc_classes(labels, probs, class_names)
     if skipped:
         log.info("%s: no AUC for %s (absent from the labels); macro AUC over the rest", split, skipped)
+    if not outputs.is_main:
+        return metrics  # other ranks of a distributed run: same metrics, no figures to draw
 
     cm = confusion_matrix(labels, probs.argmax(axis=1), len(class_names))
     outputs.save_figure(f"{folder}/confusion_matrix.png",

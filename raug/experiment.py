@@ -13,7 +13,9 @@ the script's keys, the named config ``quick``, a config hook that resolves
 paths and validates the config (before any run folder exists), and the default
 observer: a FileStorageObserver whose runs go to ``<_save_folder>/<id>/``,
 active only when the command line names no observer (``-F DIR``, ``-m URL``,
-``--sql``, ``--tiny_db``, ``--s3``).
+``--sql``, ``--tiny_db``, ``--s3``). The experiment is a :class:`RaugExperiment`:
+path values given on the command line are resolved against the repository
+root too, and under torchrun only rank 0 records a Sacred run.
 
 :func:`run_training` is everything after the config: data, task, the
 :func:`raug.engine.fit` loop, evaluation of the best checkpoint on the
@@ -28,7 +30,7 @@ import random
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,14 @@ from raug.config import (
     validate_config,
 )
 from raug.data import IsicData, build_data
-from raug.device import amp_dtype, resolve_device
+from raug.device import amp_dtype
+from raug.distributed import (
+    DistEnv,
+    get_rank,
+    init_distributed,
+    set_gather_embeddings,
+    teardown,
+)
 from raug.engine import FitResult, FitSettings, fit, load_modules
 from raug.evaluate import SPLIT_FILES, evaluate_split
 from raug.isic2019 import split_hash
@@ -123,7 +132,7 @@ class SaveFolderObserver(RunObserver):
         if any(options.get(flag) for flag in OBSERVER_FLAGS):
             self.delegate = None
             return None
-        self.delegate = FileStorageObserver(config["_save_folder"])
+        self.delegate = FileStorageObserver(str(resolve_repo_path(config["_save_folder"])))
         return self.delegate.started_event(
             ex_info, command, host_info, start_time, config, meta_info, _id
         )
@@ -168,6 +177,73 @@ class SaveFolderObserver(RunObserver):
             self.delegate.log_metrics(metrics_by_name, info)
 
 
+def resolve_path_updates(
+    updates: Mapping[str, Any] | None, path_keys: Iterable[str]
+) -> dict[str, Any] | None:
+    """``updates`` with every relative path value of ``path_keys`` made absolute (repo root).
+
+    Sacred applies command-line values *after* the config hooks' updates, so a
+    hook cannot resolve them; they are resolved here, before Sacred sees them.
+    """
+    if not updates:
+        return None if updates is None else dict(updates)
+    resolved = dict(updates)
+    for key in path_keys:
+        value = resolved.get(key)
+        if isinstance(value, str) and value:
+            resolved[key] = str(resolve_repo_path(value))
+    return resolved
+
+
+def worker_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Command-line options of a torchrun rank > 0: no observer, no run record, warnings only.
+
+    Rank 0 alone records the Sacred run (and creates its folder); the other
+    ranks run the same main function unobserved, so they create no
+    FileStorageObserver (or MongoDB, SQL, ... connection) and write nothing.
+    """
+    opts = dict(options or {})
+    for flag in OBSERVER_FLAGS:
+        opts[flag] = None
+    opts["--unobserved"] = True
+    opts["--print-config"] = False  # rank 0 prints it
+    if not opts.get("--loglevel"):
+        opts["--loglevel"] = "WARNING"  # rank 0 prints the log; errors still show
+    return opts
+
+
+class RaugExperiment(Experiment):
+    """A Sacred ``Experiment`` that resolves path values and knows about torchrun ranks.
+
+    * Values of ``path_keys`` passed on the command line (``_save_folder=rel/out``)
+      or as ``config_updates`` are resolved against the repository root before
+      Sacred builds the config, so the run, its observer and ``config.json``
+      all use the absolute path (a config hook's resolution would be undone:
+      Sacred applies command-line values after the hooks).
+      Values from named config files are resolved in the recorded config
+      (``run.config``); :func:`run_training` resolves ``_base_path`` and
+      ``_save_folder`` again, and the KD code resolves its paths where it uses them.
+    * On a torchrun rank > 0 every run is created with :func:`worker_options`.
+    """
+
+    def __init__(self, name: str, *, path_keys: Iterable[str] = (), **kwargs: Any):
+        """Create the experiment; ``kwargs`` go to ``sacred.Experiment``."""
+        super().__init__(name, **kwargs)
+        self.path_keys = tuple(path_keys)
+
+    def _create_run(self, command_name=None, config_updates=None, named_configs=(), info=None,
+                    meta_info=None, options=None):
+        # Sacred's internal hook shared by ``run`` and ``run_commandline``.
+        config_updates = resolve_path_updates(config_updates, self.path_keys)
+        if get_rank() != 0:
+            options = worker_options(options)
+        run = super()._create_run(command_name, config_updates, named_configs, info,
+                                  meta_info, options)
+        # Values from a named config file bypass config_updates: fix the recorded config too.
+        run.config.update(resolve_path_updates(run.config, self.path_keys))
+        return run
+
+
 def make_experiment(
     name: str,
     script_config: Mapping[str, Any],
@@ -191,14 +267,14 @@ def make_experiment(
     Returns:
         The experiment; the script adds ``@ex.automain``.
     """
-    ex = Experiment(name, save_git_info=False)
+    path_keys = ("_base_path", "_save_folder", *path_keys)
+    ex = RaugExperiment(name, path_keys=path_keys, save_git_info=False)
     _track_script_sources(ex, sys._getframe(1).f_globals)
     ex.add_config(dict(SHARED_CONFIG))
     ex.add_config(dict(script_config))
     ex.add_named_config("quick", {**QUICK_CONFIG, **dict(quick_overrides or {})})
     ex.captured_out_filter = ProgressBarFilter()
     checks = tuple(extra_checks)
-    path_keys = ("_base_path", "_save_folder", *path_keys)
     default_name = save_name or name
 
     @ex.config_hook
@@ -328,22 +404,48 @@ def run_training(
         ``val.*`` and ``test.*`` metrics (see ``docs/engine.md``).
     """
     config = plain_config(config)
+    # Relative paths from a named config file or a programmatic caller: the repo root too.
+    for key in ("_base_path", "_save_folder"):
+        if isinstance(config.get(key), str) and config[key]:
+            config[key] = str(resolve_repo_path(config[key]))
     validate_config(config, extra_checks, check_files=True)
+    env, device = init_distributed(config["_device"])
+    set_gather_embeddings(bool(config.get("_gather_embeddings", False)))
+    try:
+        return _train_and_finish(_run, config, build_task, env, device, optimizer, scheduler)
+    except BaseException:
+        if env.is_distributed:
+            # Sacred records rank 0's failure only; torchrun then stops the other ranks.
+            log.exception("rank %d of %d failed; the process group is torn down",
+                          env.rank, env.world_size)
+        raise
+    finally:
+        teardown()
+
+
+def _train_and_finish(_run, config, build_task, env: DistEnv, device, optimizer, scheduler):
+    """The body of :func:`run_training` once the process group (if any) exists."""
     # Recorded, not a Sacred key: tables warn when runs mix splits (docs/comparisons.md), and
     # being in every checkpoint's config it makes a resume on different data refuse.
     config["_split_hash"] = split_hash(config["_base_path"])
     if _run is not None:
         _run.info["split_hash"] = config["_split_hash"]
     settings = FitSettings.from_config(config)
+    if env.is_distributed:
+        settings = replace(settings, device=device)  # cuda:LOCAL_RANK, not the bare "cuda"
     resume_state = load_resume_state(config, settings)
     if resume_state is None:
         check_save_folder(config["_save_folder"], resume=False)
-    device = resolve_device(config["_device"])
-    seed_everything(int(config["seed"]))
+    # Rank 0 keeps the run seed (single-process runs are unchanged); other ranks draw
+    # their own dropout masks. Weights start equal anyway (broadcast from rank 0).
+    seed_everything(int(config["seed"]) + env.rank)
     log.info("device %s; data %s (validation fold %s)", device, config["_base_path"], config["_folder"])
+    if env.is_distributed:
+        log.info("distributed: %d processes, _batch_size=%d per process (global batch %d)",
+                 env.world_size, config["_batch_size"], env.world_size * config["_batch_size"])
 
-    data = build_data(config, device)
-    outputs = RunOutputs(config["_save_folder"], run=_run)
+    data = build_data(config, device, rank=env.rank, world_size=env.world_size)
+    outputs = RunOutputs(config["_save_folder"], run=_run, is_main=env.is_main)
     ctx = RunContext(config, device, data, outputs, settings, _run)
     log.info(
         "images: %d train / %d val / %d test; class weights %s",
@@ -365,7 +467,8 @@ def finish_run(ctx: RunContext, task: Task, result: FitResult) -> dict[str, floa
     outputs, settings = ctx.outputs, ctx.settings
     history = pd.DataFrame(result.history)
     outputs.write_csv("history.csv", history)
-    outputs.save_figure("history.png", plot_history(result.history))
+    if outputs.is_main:  # other ranks of a distributed run draw nothing
+        outputs.save_figure("history.png", plot_history(result.history))
 
     if result.best_checkpoint is None:
         raise RuntimeError(f"no best checkpoint in {outputs.folder}: no epoch improved {settings.best_metric}")

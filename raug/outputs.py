@@ -1,7 +1,10 @@
 """The single place through which a run writes files and logs to Sacred.
 
 Every write is atomic (temp file + ``os.replace``). ``is_main=False`` turns every
-method into a no-op, so under data parallelism only rank 0 writes.
+method into a no-op, so under data parallelism only rank 0 writes; by default
+(``is_main=None``) it is decided from the torchrun rank
+(:func:`raug.distributed.is_main_process`), so outputs created anywhere in a
+distributed run are silent on ranks > 0.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from raug.checkpoint import atomic_write_bytes, atomic_write_text, save_checkpoint
+from raug.distributed import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +41,14 @@ class RunOutputs:
     Args:
         folder: the run's ``_save_folder``.
         run: the Sacred ``Run`` (``None`` outside Sacred: nothing is logged to it).
-        is_main: whether this process writes (rank 0).
+        is_main: whether this process writes (``None``: whether it is rank 0).
     """
 
-    def __init__(self, folder: str | Path, run: Any = None, is_main: bool = True):
+    def __init__(self, folder: str | Path, run: Any = None, is_main: bool | None = None):
         """Store where to write and whom to log to."""
         self.folder = Path(folder)
         self.run = run
-        self.is_main = is_main
+        self.is_main = is_main_process() if is_main is None else bool(is_main)
 
     def path(self, relpath: str | Path) -> Path:
         """Absolute path of ``relpath`` inside the run folder."""

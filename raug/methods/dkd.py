@@ -18,6 +18,7 @@ from torch import nn
 
 import models
 from kd_losses import KD_METHODS, d_kd
+from raug.distributed import gather_fields
 from raug.experiment import RunContext
 from raug.methods.teacher import frozen_forward, load_teacher
 from raug.task import BaseTask
@@ -107,6 +108,8 @@ class DKDTask(BaseTask):
             out_t = frozen_forward(self.frozen_modules["teacher"], images)
         if "adapter" in self.modules:
             out_s = {**out_s, "feats_7x7": self.modules["adapter"](out_s["feats_7x7"])}
+        # _gather_embeddings=True under torchrun: RKD over the global batch (docs/distributed.md)
+        out_s, out_t = gather_fields(out_s, ("avg_pool",)), gather_fields(out_t, ("avg_pool",))
         parts = d_kd(out_s, out_t, batch["label"], self.class_weight, method=self.method,
                      **self.weights)
         return {**parts, "logits": out_s["logits"]}

@@ -32,6 +32,7 @@ from torch import nn
 import models
 from kd_losses import rotate_views, split_views, ssd_kd_loss
 from raug.config import resolve_repo_path
+from raug.distributed import gather_embeddings, gather_fields
 from raug.experiment import RunContext
 from raug.methods.teacher import file_fingerprint, frozen_forward, load_teacher
 from raug.methods.teacher_head import (
@@ -119,9 +120,14 @@ class SSDKDTask(BaseTask):
         proj_s = self.modules["proj_head"](out_s["avg_pool"])
         if "adapter" in self.modules:
             out_s = {**out_s, "feats_7x7": self.modules["adapter"](out_s["feats_7x7"])}
-        parts = ssd_kd_loss(out_s, out_t, proj_s, proj_t, batch["label"], self.class_weight,
-                            **self.weights)
         normal_logits, _ = split_views(out_s["logits"])
+        # _gather_embeddings=True under torchrun: every term but the per-sample channel
+        # relation over the global batch (whole images: 4 view rows each; docs/distributed.md)
+        keys = ("logits", "avg_pool")
+        out_s, out_t = gather_fields(out_s, keys), gather_fields(out_t, keys)
+        proj_s, proj_t = gather_embeddings(proj_s), gather_embeddings(proj_t)
+        parts = ssd_kd_loss(out_s, out_t, proj_s, proj_t, gather_embeddings(batch["label"]),
+                            self.class_weight, **self.weights)
         return {**parts, "logits": normal_logits}
 
     def eval_step(self, batch: dict) -> dict:

@@ -38,6 +38,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 from kd_losses import rotate_views, rotation_ss_loss, view_similarity
 from kd_losses.views import own_columns
 from raug.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from raug.distributed import barrier, gather_embeddings, is_main_process
 from raug.engine import FitSettings, fit
 from raug.methods.teacher import freeze, frozen_forward
 from raug.outputs import RunOutputs
@@ -74,7 +75,8 @@ class RotationHeadTask(BaseTask):
     def _step(self, batch: dict) -> dict:
         views = rotate_views(batch["image"])
         pooled = frozen_forward(self.frozen_modules["teacher"], views)["avg_pool"]
-        proj = self.modules["model"](pooled)
+        # _gather_embeddings=True under torchrun: the rotation task over the global batch
+        proj = gather_embeddings(self.modules["model"](pooled))
         return {"loss": rotation_ss_loss(proj), "ss_acc": rotation_accuracy(proj.detach())}
 
     def train_step(self, batch: dict) -> dict:
@@ -209,6 +211,16 @@ def prepare_teacher_head(
         raise RuntimeError(f"phase 1 produced no teacher head in {outputs.path(work)}")
     best = load_checkpoint(result.best_checkpoint)
     head.load_state_dict(best["model_state_dict"])
+    if is_main_process():  # torchrun: rank 0 writes, the others wait (barrier below)
+        _save_head(head_path, head, teacher_info, fit_key, result, outputs.path(work))
+    barrier()
+    log.info("teacher head saved to %s (best epoch %d, val SS loss %.4f)", head_path,
+             result.best_epoch, result.best_value)
+    return freeze(head)
+
+
+def _save_head(head_path: Path, head: nn.Module, teacher_info, fit_key, result, work: Path) -> None:
+    """Write the head file, then remove the phase-1 working checkpoints."""
     save_checkpoint(head_path, {
         "kind": HEAD_KIND,
         "model_name": HEAD_MODEL_NAME,
@@ -221,7 +233,4 @@ def prepare_teacher_head(
         "history": [dict(row) for row in result.history],
     })
     # The head file is complete; the working checkpoints are no longer needed.
-    shutil.rmtree(outputs.path(work))
-    log.info("teacher head saved to %s (best epoch %d, val SS loss %.4f)", head_path,
-             result.best_epoch, result.best_value)
-    return freeze(head)
+    shutil.rmtree(work)
