@@ -1,0 +1,559 @@
+"""Fold × seed × grid sweeps of an experiment script, resumable (``tools/sweep.py``).
+
+Usage::
+
+    python tools/sweep.py SCRIPT --folds 1 2 3 4 5 --seeds 0 1 2 --out DIR \\
+        [--grid KEY=V1,V2 ...] [--teachers DIR] [--dry-run] -- [sacred overrides ...]
+
+Every combination runs sequentially as a subprocess (``sys.executable SCRIPT
+with _folder=F seed=S KEY=V ... <overrides> _save_folder=DIR/<name>``) into its
+own save folder ``DIR/fold<F>-seed<S>[-KEY=V...]``. The child's output goes to
+``<save folder>/sweep.log``; the terminal shows one progress line per run.
+
+Rerunning the same command finishes an interrupted sweep. Per save folder
+(:func:`folder_state`):
+
+* ``COMPLETED`` marker whose Sacred run is COMPLETED -> skipped;
+* a last checkpoint -> resumed with ``_resume=True``;
+* checkpoints/marker but no last checkpoint (the engine would refuse a new run
+  there and a resume is impossible) -> the folder is moved to
+  ``DIR/_stale/<name>-<UTC time>`` and the run starts afresh;
+* otherwise (nothing, or only failed attempts) -> a new run.
+
+Grid values are parsed like Sacred parses ``with`` values (a Python literal,
+else a plain string) and passed back as Python literals, so
+``--grid _kd_method=none,d_kd`` needs no shell quoting. ``--teachers DIR``
+(KD scripts) passes the best checkpoint of the COMPLETED ``isic.py`` run on the
+same fold found below ``DIR`` (same seed if there is one, else the lowest seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import json
+import math
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+
+from raug.config import COMPLETED_MARKER, REPO_ROOT, SHARED_CONFIG, finished_run_markers
+from raug.runs import find_run_dirs, load_runs
+
+EXPERIMENT_DIR = REPO_ROOT / "experiment" / "isic"
+TEACHER_SCRIPT = "isic"  # Sacred experiment name of the teacher script
+KD_SCRIPTS = ("isic_d_kd.py", "isic_ssd_kd.py")
+RESERVED_KEYS = ("_folder", "seed", "_save_folder", "_resume")
+LAST_CHECKPOINT = Path("last-checkpoint") / "last-checkpoint.pth"
+BEST_CHECKPOINT = Path("best-checkpoint") / "best-checkpoint.pth"
+LOG_NAME = "sweep.log"
+STALE_DIR = "_stale"
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+class SweepError(ValueError):
+    """A bad sweep request (unknown script, bad grid, missing teacher, ...)."""
+
+
+# ----------------------------------------------------------------------------- values and names
+
+
+def resolve_script(script: str | Path) -> Path:
+    """Absolute path of an experiment script: a path, or a bare name in ``experiment/isic/``.
+
+    A relative path is tried from the working directory, then from the repository
+    root; ``isic_d_kd.py`` and ``isic_d_kd`` both name ``experiment/isic/isic_d_kd.py``.
+
+    Raises:
+        SweepError: no such file.
+    """
+    path = Path(script).expanduser()
+    candidates = [path]
+    if not path.is_absolute():  # like the engine's paths: also relative to the repository
+        candidates.append(REPO_ROOT / path)
+    if len(path.parts) == 1:
+        name = path.name if path.suffix == ".py" else f"{path.name}.py"
+        candidates.append(EXPERIMENT_DIR / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise SweepError(f"script {str(script)!r} not found (tried {', '.join(map(str, candidates))})")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as Sacred reads it: a Python literal, else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def sacred_assignment(key: str, value: Any) -> str:
+    """``key=<Python literal>``: Sacred reads back exactly ``value``.
+
+    Strings get double quotes (``_kd_method="d_kd"``, the seed's style): a JSON
+    string is also a valid Python literal.
+    """
+    literal = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+    return f"{key}={literal}"
+
+
+def split_values(text: str) -> list[str]:
+    """Split ``V1,V2,...`` at top-level commas (not inside quotes or brackets)."""
+    parts, current, depth, quote = [], [], 0, None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts]
+
+
+@dataclass(frozen=True)
+class GridAxis:
+    """One ``--grid KEY=V1,V2`` option: the key and its parsed values."""
+
+    key: str
+    values: tuple[Any, ...]
+
+
+def parse_grid(specs: Sequence[str]) -> list[GridAxis]:
+    """Parse ``--grid`` options.
+
+    Raises:
+        SweepError: no ``=``, a bad or repeated key, a reserved key, an empty value.
+    """
+    axes: list[GridAxis] = []
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key):
+            raise SweepError(f"--grid {spec!r} is invalid: expected KEY=V1,V2,...")
+        if key in RESERVED_KEYS:
+            raise SweepError(f"--grid {spec!r} is invalid: {key} is set by the sweep itself "
+                             "(use --folds / --seeds / --out)")
+        if any(a.key == key for a in axes):
+            raise SweepError(f"--grid {spec!r} is invalid: {key} is already a grid key")
+        texts = split_values(text)
+        if any(t == "" for t in texts):
+            raise SweepError(f"--grid {spec!r} is invalid: empty value")
+        axes.append(GridAxis(key, tuple(parse_value(t) for t in texts)))
+    return axes
+
+
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """Config keys assigned by ``KEY=VALUE`` overrides (named configs and options skipped)."""
+    keys = []
+    for token in overrides:
+        key, sep, _ = token.partition("=")
+        if sep and not token.startswith("-") and _KEY.match(key.strip()):
+            keys.append(key.strip())
+    return keys
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One run of a sweep."""
+
+    fold: int
+    seed: int
+    grid: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """Save-folder name, e.g. ``fold2-seed0-_kd_method=d_kd``."""
+        parts = [f"fold{self.fold}", f"seed{self.seed}"]
+        parts += [_UNSAFE.sub("_", f"{k}={v}") for k, v in self.grid]
+        return "-".join(parts)
+
+    @property
+    def label(self) -> str:
+        """Human label, e.g. ``fold 2 seed 0 _kd_method=d_kd``."""
+        return " ".join([f"fold {self.fold}", f"seed {self.seed}",
+                         *(f"{k}={v}" for k, v in self.grid)])
+
+
+def plan_combos(folds: Sequence[int], seeds: Sequence[int], grid: Sequence[GridAxis]) -> list[Combo]:
+    """Every fold × seed × grid combination, folds outermost (duplicates dropped).
+
+    Raises:
+        SweepError: two combinations would share a folder name.
+    """
+    folds, seeds = list(dict.fromkeys(folds)), list(dict.fromkeys(seeds))
+    combos = []
+    for fold, seed, *values in itertools.product(folds, seeds, *(a.values for a in grid)):
+        combos.append(Combo(fold, seed, tuple((a.key, v) for a, v in zip(grid, values))))
+    names = [c.name for c in combos]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise SweepError(f"grid values map to the same folder name(s) {clash}: make them distinct")
+    return combos
+
+
+# ----------------------------------------------------------------------------- folder state
+
+
+class State(StrEnum):
+    """What the sweep does with a combination's save folder."""
+
+    NEW = "new"
+    COMPLETED = "completed"
+    RESUME = "resume"
+    STALE = "stale"
+    RETRY = "retry"
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """:class:`State` and a short explanation."""
+
+    state: State
+    detail: str
+
+
+def _marker_run_id(folder: Path) -> str | None:
+    try:
+        data = json.loads((folder / COMPLETED_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    run_id = data.get("run_id") if isinstance(data, dict) else None
+    return None if run_id is None else str(run_id)
+
+
+def folder_state(folder: str | Path) -> FolderState:
+    """Decide skip / resume / restart for one save folder from its Sacred runs and files.
+
+    A ``COMPLETED`` marker counts when the Sacred run it names is COMPLETED in
+    ``folder`` (or is not recorded there: another observer). A marker whose run
+    never reached COMPLETED (killed at the very end) is resumed, which re-runs
+    only the final evaluation.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return FolderState(State.NEW, "no folder yet")
+    try:
+        runs = load_runs(folder)
+    except ValueError:
+        # Sacred writes run.json in place: a kill can truncate it. The files decide then.
+        runs = pd.DataFrame(columns=["id", "status"])
+    if (folder / COMPLETED_MARKER).is_file():
+        run_id = _marker_run_id(folder)
+        row = runs[runs["id"].astype(str) == run_id] if run_id is not None else runs.iloc[0:0]
+        if row.empty:
+            return FolderState(State.COMPLETED, "COMPLETED marker")
+        if row["status"].iloc[-1] == "COMPLETED":
+            return FolderState(State.COMPLETED, f"Sacred run {run_id} COMPLETED")
+    if (folder / LAST_CHECKPOINT).is_file():
+        status = runs["status"].iloc[-1] if not runs.empty else "unknown"
+        return FolderState(State.RESUME, f"last run {status}; resuming from {LAST_CHECKPOINT}")
+    if finished_run_markers(folder):
+        return FolderState(State.STALE, f"{', '.join(finished_run_markers(folder))} "
+                                        "without a last checkpoint")
+    if not runs.empty:
+        return FolderState(State.RETRY, f"earlier attempt {runs['status'].iloc[-1]}")
+    return FolderState(State.NEW, "nothing run yet")
+
+
+def move_stale(folder: Path, out: Path) -> Path:
+    """Move a folder that can neither be resumed nor reused to ``out/_stale/<name>-<UTC time>``."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = out / STALE_DIR / f"{folder.name}-{stamp}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(folder), str(target))
+    return target
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+def find_teachers(teachers: str | Path, folds: Sequence[int], seeds: Sequence[int]) -> dict[tuple[int, int], Path]:
+    """Best checkpoint of the teacher for every (fold, seed) of a KD sweep.
+
+    Looks for COMPLETED runs of ``isic.py`` below ``teachers`` whose save folder
+    (the run folder's parent) holds ``best-checkpoint/best-checkpoint.pth``.
+    For a fold, the teacher with the student's seed is preferred, else the one
+    with the lowest seed.
+
+    Raises:
+        SweepError: ``teachers`` is not a folder, or a fold has no usable teacher.
+    """
+    root = Path(teachers).expanduser().resolve()
+    if not root.is_dir():
+        raise SweepError(f"--teachers {str(teachers)!r}: not a folder")
+    runs = load_runs(root)
+    found: dict[int, dict[int, Path]] = {}
+    for row in runs.to_dict("records"):
+        if row.get("status") != "COMPLETED" or row.get("script") != TEACHER_SCRIPT:
+            continue
+        ckpt = Path(row["path"]).parent / BEST_CHECKPOINT
+        fold, seed = row.get("_folder"), row.get("seed")
+        if ckpt.is_file() and _is_whole(fold) and _is_whole(seed):
+            found.setdefault(int(fold), {}).setdefault(int(seed), ckpt)
+    missing = [f for f in dict.fromkeys(folds) if f not in found]
+    if missing:
+        raise SweepError(
+            f"--teachers {root}: no COMPLETED {TEACHER_SCRIPT}.py run with a best checkpoint for "
+            f"fold(s) {missing} (teachers found for folds {sorted(found)})"
+        )
+    return {(f, s): found[f].get(s, found[f][min(found[f])]) for f in folds for s in seeds}
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ----------------------------------------------------------------------------- plan and run
+
+
+@dataclass
+class PlannedRun:
+    """A combination with its folder, state and command (``None`` when skipped)."""
+
+    combo: Combo
+    save_folder: Path
+    state: FolderState
+    command: list[str] | None
+
+
+def build_command(script: Path, combo: Combo, save_folder: Path, overrides: Sequence[str],
+                  teacher: Path | None = None, resume: bool = False) -> list[str]:
+    """``sys.executable SCRIPT with _folder=F seed=S KEY=V ... <overrides> _save_folder=...``."""
+    updates = [f"_folder={combo.fold}", f"seed={combo.seed}"]
+    updates += [sacred_assignment(k, v) for k, v in combo.grid]
+    if teacher is not None:
+        updates.append(sacred_assignment("_teacher_ckpt", str(teacher)))
+    updates += list(overrides)
+    updates.append(sacred_assignment("_save_folder", str(save_folder)))
+    if resume:
+        updates.append("_resume=True")
+    return [sys.executable, str(script), "with", *updates]
+
+
+def check_overrides(overrides: Sequence[str], grid: Sequence[GridAxis], teachers: bool) -> None:
+    """Refuse overrides that would fight the sweep's own assignments.
+
+    Raises:
+        SweepError: an override sets a reserved key, a grid key, or ``_teacher_ckpt``
+            together with ``--teachers``.
+    """
+    taken = {k: "set by the sweep (--folds/--seeds/--out)" for k in RESERVED_KEYS}
+    taken.update({a.key: "a --grid key" for a in grid})
+    if teachers:
+        taken["_teacher_ckpt"] = "chosen by --teachers"
+    for key in override_keys(overrides):
+        if key in taken:
+            raise SweepError(f"override {key}=... is not allowed: {key} is {taken[key]}")
+
+
+def plan_sweep(
+    script: str | Path,
+    folds: Sequence[int],
+    seeds: Sequence[int],
+    out: str | Path,
+    grid: Sequence[GridAxis] = (),
+    overrides: Sequence[str] = (),
+    teachers: str | Path | None = None,
+) -> list[PlannedRun]:
+    """Every combination with its save folder, current state and command line.
+
+    Raises:
+        SweepError: bad script, folds, seeds, overrides or teachers.
+    """
+    script = resolve_script(script)
+    bad = [v for v in [*folds, *seeds] if not isinstance(v, int) or v < 0]
+    if not folds or not seeds or bad or any(f < 1 for f in folds):
+        raise SweepError(f"--folds (>= 1) and --seeds (>= 0) need integers; got folds {list(folds)}, "
+                         f"seeds {list(seeds)}")
+    if teachers is not None and script.name not in KD_SCRIPTS:
+        raise SweepError(f"--teachers is for the KD scripts {list(KD_SCRIPTS)}, not {script.name}")
+    check_overrides(overrides, grid, teachers is not None)
+    out = Path(out).expanduser().resolve()
+    teacher_map = find_teachers(teachers, folds, seeds) if teachers is not None else {}
+    plan = []
+    for combo in plan_combos(folds, seeds, grid):
+        save_folder = out / combo.name
+        state = folder_state(save_folder)
+        command = None
+        if state.state is not State.COMPLETED:
+            command = build_command(script, combo, save_folder, overrides,
+                                    teacher_map.get((combo.fold, combo.seed)),
+                                    resume=state.state is State.RESUME)
+        plan.append(PlannedRun(combo, save_folder, state, command))
+    return plan
+
+
+Runner = Callable[[list[str], Path], int]
+
+
+def subprocess_runner(command: list[str], log_path: Path) -> int:
+    """Run ``command``, appending its stdout and stderr to ``log_path``; returns the exit code."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"\n===== {datetime.now(UTC).isoformat(timespec='seconds')} {shlex.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, check=False).returncode
+
+
+@dataclass
+class SweepReport:
+    """Outcome of :func:`run_sweep` (labels of the combinations)."""
+
+    completed: list[str]
+    skipped: list[str]
+    failed: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when nothing failed, else 1."""
+        return 1 if self.failed else 0
+
+    def summary(self) -> str:
+        """One line, then one line per failed run."""
+        total = len(self.completed) + len(self.skipped) + len(self.failed)
+        head = (f"sweep: {total} runs: {len(self.completed)} completed now, {len(self.skipped)} "
+                f"skipped (already COMPLETED), {len(self.failed)} failed")
+        return "\n".join([head, *(f"  FAILED: {f}" for f in self.failed)])
+
+
+def _failure_hint(folder: Path, before: set[Path]) -> str:
+    """Where to look: the sweep log (it has the traceback, which Sacred's ``cout.txt`` lacks)."""
+    new = [d for d in find_run_dirs([folder]) if d not in before] if folder.is_dir() else []
+    hint = f"see {folder / LOG_NAME}"
+    return f"{hint} (Sacred run {new[-1]})" if new else hint
+
+
+def run_sweep(plan: Sequence[PlannedRun], out: str | Path, runner: Runner = subprocess_runner,
+              stream: TextIO | None = None) -> SweepReport:
+    """Run the planned combinations one after the other; a failure does not stop the sweep.
+
+    Each run prints ``[i/N] fold F seed S ... `` when it starts and its outcome
+    (``COMPLETED in 41 s`` / ``FAILED (exit 1), see <save folder>/sweep.log``) when it ends.
+
+    Args:
+        plan: from :func:`plan_sweep`.
+        out: the sweep folder (stale folders are moved below it).
+        runner: ``(command, log_path) -> exit code`` (tests swap it).
+        stream: where progress lines go (default: stdout).
+    """
+    stream = stream or sys.stdout
+    out = Path(out).expanduser().resolve()
+    report = SweepReport([], [], [])
+    for i, item in enumerate(plan, start=1):
+        print(f"[{i}/{len(plan)}] {item.combo.label} ...", end=" ", file=stream, flush=True)
+        if item.command is None:
+            print("skipped (already COMPLETED)", file=stream, flush=True)
+            report.skipped.append(item.combo.label)
+            continue
+        if item.state.state is State.STALE:
+            moved = move_stale(item.save_folder, out)
+            print(f"{item.state.detail}: moved to {moved} ...", end=" ", file=stream, flush=True)
+        elif item.state.state is State.RESUME:
+            print(f"{item.state.detail} ...", end=" ", file=stream, flush=True)
+        item.save_folder.mkdir(parents=True, exist_ok=True)
+        before = set(find_run_dirs([item.save_folder]))
+        start = time.monotonic()
+        code = runner(item.command, item.save_folder / LOG_NAME)
+        seconds = time.monotonic() - start
+        if code == 0 and folder_state(item.save_folder).state is State.COMPLETED:
+            print(f"COMPLETED in {seconds:.0f} s", file=stream, flush=True)
+            report.completed.append(item.combo.label)
+            continue
+        if code < 0:
+            why = f"killed by signal {-code}"
+        else:
+            why = f"exit {code}" if code else "exit 0 but the run is not COMPLETED"
+        print(f"FAILED ({why}), {_failure_hint(item.save_folder, before)}", file=stream, flush=True)
+        report.failed.append(f"{item.combo.label} ({why})")
+    return report
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def describe_plan(plan: Sequence[PlannedRun]) -> str:
+    """The ``--dry-run`` listing: what each combination would do, and its command."""
+    lines = []
+    for i, item in enumerate(plan, start=1):
+        head = f"[{i}/{len(plan)}] {item.combo.label}: {item.state.state.value} ({item.state.detail})"
+        lines.append(head)
+        if item.command is not None:
+            lines.append("  " + shlex.join(item.command))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tools/sweep.py`` argument parser (overrides after ``--`` are split off first)."""
+    parser = argparse.ArgumentParser(
+        prog="python tools/sweep.py",
+        description="Run an experiment script for every fold × seed × grid value; rerun to resume.",
+        epilog="Everything after `--` is passed to the script's `with` (e.g. quick _device=cpu).",
+    )
+    parser.add_argument("script", help="experiment script: a path or isic.py / isic_d_kd.py / isic_ssd_kd.py")
+    parser.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                        help="validation folds (default: 1 2 3 4 5)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[SHARED_CONFIG["seed"]],
+                        help=f"seeds (default: {SHARED_CONFIG['seed']})")
+    parser.add_argument("--out", required=True, help="sweep folder (one save folder per run inside)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="a config key and its values (repeatable: the product is swept)")
+    parser.add_argument("--teachers", metavar="DIR",
+                        help="teacher sweep folder: per fold its best checkpoint -> _teacher_ckpt")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; exit 0 = every run COMPLETED, 1 = some failed, 2 = bad request."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    try:
+        grid = parse_grid(args.grid)
+        plan = plan_sweep(args.script, args.folds, args.seeds, args.out, grid, overrides, args.teachers)
+    except (SweepError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(describe_plan(plan))
+        return 0
+    try:
+        report = run_sweep(plan, args.out)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to finish the sweep", file=sys.stderr)
+        return 130
+    print(report.summary(), file=sys.stderr if report.failed else sys.stdout)
+    return report.exit_code
+
+
+__all__ = [
+    "Combo", "FolderState", "GridAxis", "PlannedRun", "State", "SweepError", "SweepReport",
+    "build_command", "find_teachers", "folder_state", "main", "parse_grid", "parse_value",
+    "plan_sweep", "resolve_script", "run_sweep", "sacred_assignment",
+]
