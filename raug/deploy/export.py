@@ -1,0 +1,347 @@
+"""Export project checkpoints to ONNX (and TorchScript), verified against PyTorch.
+
+``python tools/export.py --checkpoint CKPT --out FILE.onnx`` rebuilds the network from the
+self-describing checkpoint and exports it with ``torch.onnx.export(..., dynamo=True)`` (the
+torch.export-based exporter, the default since torch 2.9; ``--exporter legacy`` selects the
+deprecated TorchScript-based one). The graph has one input ``input`` of shape
+``(batch, 3, S, S)`` (NCHW, RGB, float32, normalised; ``batch`` is dynamic) and one output,
+by default ``probs`` (softmax probabilities), with ``--output logits`` the raw ``logits``.
+The metadata contract is in :mod:`raug.deploy.spec`.
+
+Every file is written to a temporary name, checked (``onnx.checker``), verified against the
+PyTorch model in onnxruntime on random batches of 1 and 3 (max abs difference must stay
+<= ``tol``, default 1e-4; for ``logits`` relative to the logit scale, see
+:func:`output_difference`) and only then moved into place: a failed export leaves nothing.
+Tracing and verification run on the CPU in float32 on purpose -- the artefact is
+device-independent, and the 1e-4 comparison needs reference numbers computed with the same
+arithmetic as onnxruntime's CPU provider.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from raug.checkpoint import CheckpointError
+from raug.deploy.atomic import atomic_write_with
+from raug.deploy.images import DEFAULT_PREPARE_SIZE
+from raug.deploy.onnx_backend import make_session
+from raug.deploy.predict import parse_prepare_size
+from raug.deploy.spec import INPUT_NAME, OUTPUT_KINDS, ModelSpec, SpecError, spec_to_metadata
+from raug.deploy.torch_backend import load_model
+
+DEFAULT_TOL = 1e-4
+VERIFY_BATCHES = (1, 3)
+TORCHSCRIPT_META = "ssdkd_deploy.json"
+
+
+class ExportError(RuntimeError):
+    """The exported model is invalid or disagrees with PyTorch beyond the tolerance."""
+
+
+class DeployHead(nn.Module):
+    """The network plus its output convention (softmax probabilities or raw logits).
+
+    Args:
+        model: a project model returning logits.
+        output_kind: ``"probs"`` or ``"logits"``.
+    """
+
+    def __init__(self, model: nn.Module, output_kind: str = "probs") -> None:
+        super().__init__()
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
+        self.model = model
+        self.output_kind = output_kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, K)`` probabilities or logits."""
+        logits = self.model(x)
+        return torch.softmax(logits, dim=1) if self.output_kind == "probs" else logits
+
+
+def _cpu_head(model: nn.Module, output_kind: str) -> DeployHead:
+    # A copy, so exporting never moves the caller's model off its device.
+    return DeployHead(copy.deepcopy(model).cpu().float(), output_kind).eval()
+
+
+def _verify_inputs(img_size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal((n, 3, img_size, img_size)).astype(np.float32) for n in VERIFY_BATCHES
+    ]
+
+
+def _reference(head: DeployHead, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    with torch.inference_mode():
+        return [head(torch.from_numpy(x)).numpy() for x in inputs]
+
+
+def onnx_proto(
+    head: DeployHead, img_size: int, opset: int | None = None, dynamo: bool = True
+) -> onnx.ModelProto:
+    """Trace ``head`` into an ONNX model with a dynamic batch axis (no metadata yet).
+
+    Args:
+        head: the CPU model with its output convention.
+        img_size: square input side.
+        opset: ONNX opset (``None``: the exporter's default, 20 for the dynamo exporter in
+            torch 2.14, 17 for the legacy one).
+        dynamo: use the torch.export-based exporter (else the legacy TorchScript one).
+
+    Returns:
+        The ONNX model.
+    """
+    example = torch.zeros(2, 3, img_size, img_size)
+    names = {"input_names": [INPUT_NAME], "output_names": [head.output_kind]}
+    if dynamo:
+        program = torch.onnx.export(
+            head, (example,), None, dynamo=True, opset_version=opset, verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},), **names,
+        )
+        return program.model_proto
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The legacy exporter is deprecated; the user asked for it explicitly.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            head, (example,), buf, dynamo=False, opset_version=opset or 17,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, head.output_kind: {0: "batch"}}, **names,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def output_difference(out: np.ndarray, ref: np.ndarray, output_kind: str) -> float:
+    """The verification metric: max abs difference, on the logit scale for ``logits``.
+
+    Probabilities live in [0, 1], so an absolute difference is meaningful as is. Logits have
+    no fixed scale (float32 rounding grows with their magnitude), so for them the difference
+    is divided by ``max(1, max |ref|)``.
+    """
+    diff = float(np.abs(out - ref).max())
+    if output_kind == "logits":
+        diff /= max(1.0, float(np.abs(ref).max()))
+    return diff
+
+
+def verify_onnx(
+    path: str | os.PathLike,
+    head: DeployHead,
+    img_size: int,
+    tol: float = DEFAULT_TOL,
+    label: str | os.PathLike | None = None,
+) -> float:
+    """Compare onnxruntime (CPU) with PyTorch on random batches of 1 and 3.
+
+    Args:
+        path: the ONNX file.
+        head: the PyTorch reference (CPU, eval mode).
+        img_size: input side.
+        tol: allowed :func:`output_difference`.
+        label: name of the model in error messages (default: ``path``).
+
+    Returns:
+        The worst :func:`output_difference`.
+
+    Raises:
+        ExportError: the difference exceeds ``tol`` or the output shape is wrong.
+    """
+    label = label or path
+    inputs = _verify_inputs(img_size)
+    session = make_session(path, "cpu")
+    worst = 0.0
+    for x, ref in zip(inputs, _reference(head, inputs), strict=True):
+        (out,) = session.run([head.output_kind], {INPUT_NAME: x})
+        if out.shape != ref.shape:
+            raise ExportError(
+                f"{label}: output shape {out.shape} for input {x.shape}, want {ref.shape}"
+            )
+        worst = max(worst, output_difference(out, ref, head.output_kind))
+    if not worst <= tol:
+        raise ExportError(f"{label}: onnxruntime differs from PyTorch by {worst:.3e} > {tol:.0e}")
+    return worst
+
+
+def export_onnx(
+    model: nn.Module,
+    spec: ModelSpec,
+    out: str | os.PathLike,
+    opset: int | None = None,
+    dynamo: bool = True,
+    tol: float = DEFAULT_TOL,
+) -> float:
+    """Export, check, verify and atomically write an ONNX model with its metadata.
+
+    Args:
+        model: the project model (any device; a CPU copy is exported).
+        spec: its spec; ``spec.output_kind`` selects probabilities or logits.
+        out: destination ``.onnx``.
+        opset: ONNX opset (``None``: exporter default).
+        dynamo: torch.export-based exporter (default) or the legacy one.
+        tol: maximum allowed abs difference to PyTorch.
+
+    Returns:
+        The worst :func:`output_difference` found during verification.
+
+    Raises:
+        ExportError: checker failure or disagreement beyond ``tol`` (nothing is written).
+    """
+    head = _cpu_head(model, spec.output_kind)
+    proto = onnx_proto(head, spec.img_size, opset, dynamo)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, spec_to_metadata(spec))
+    proto.doc_string = f"{spec.model_name} skin-lesion classifier ({spec.output_kind} output)"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"exported graph for {out} fails onnx.checker: {exc}") from exc
+    result: dict[str, float] = {}
+
+    def write_and_verify(tmp: Path) -> None:
+        onnx.save(proto, str(tmp))
+        result["diff"] = verify_onnx(tmp, head, spec.img_size, tol, label=out)
+
+    atomic_write_with(out, write_and_verify)
+    return result["diff"]
+
+
+def export_torchscript(
+    model: nn.Module, spec: ModelSpec, out: str | os.PathLike, tol: float = DEFAULT_TOL
+) -> float:
+    """Trace to TorchScript (metadata in the extra file ``ssdkd_deploy.json``), verify, write.
+
+    Returns:
+        :func:`output_difference` between the reloaded TorchScript module and eager PyTorch.
+
+    Raises:
+        ExportError: disagreement beyond ``tol`` (nothing is written).
+    """
+    head = _cpu_head(model, spec.output_kind)
+    extra = {TORCHSCRIPT_META: json.dumps(spec_to_metadata(spec))}
+    result: dict[str, float] = {}
+
+    def write_and_verify(tmp: Path) -> None:
+        with torch.no_grad():
+            # check_trace=False: the reloaded file is compared with eager PyTorch below anyway.
+            traced = torch.jit.trace(
+                head, torch.zeros(2, 3, spec.img_size, spec.img_size), check_trace=False
+            )
+        torch.jit.save(traced, str(tmp), _extra_files=extra)
+        loaded = torch.jit.load(str(tmp), map_location="cpu")
+        inputs = _verify_inputs(spec.img_size)
+        worst = 0.0
+        with torch.no_grad():
+            for x, ref in zip(inputs, _reference(head, inputs), strict=True):
+                out = loaded(torch.from_numpy(x)).numpy()
+                worst = max(worst, output_difference(out, ref, spec.output_kind))
+        if not worst <= tol:
+            raise ExportError(f"{out}: TorchScript differs from PyTorch by {worst:.3e} > {tol:.0e}")
+        result["diff"] = worst
+
+    with warnings.catch_warnings():
+        # torch.jit is deprecated (FutureWarning) in torch 2.14; TorchScript was asked for.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        atomic_write_with(out, write_and_verify)
+    return result["diff"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface of ``tools/export.py``."""
+    parser = argparse.ArgumentParser(
+        description="Export a project checkpoint to ONNX (optionally int8 and TorchScript), "
+        "verified against PyTorch."
+    )
+    parser.add_argument("--checkpoint", required=True, help="project checkpoint (.pth)")
+    parser.add_argument("--out", required=True, help="ONNX file to write")
+    parser.add_argument(
+        "--output", choices=OUTPUT_KINDS, default="probs",
+        help="graph output: softmax probabilities (default) or logits",
+    )
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
+    parser.add_argument(
+        "--exporter", choices=("dynamo", "legacy"), default="dynamo",
+        help="torch.export-based exporter (default) or the deprecated TorchScript-based one",
+    )
+    parser.add_argument("--torchscript", metavar="FILE.pt", help="also write a traced TorchScript")
+    parser.add_argument("--quantize", choices=("int8",), help="also write an int8 model")
+    parser.add_argument(
+        "--calibration", metavar="IMAGE_DIR",
+        help="images for static int8 calibration (without: dynamic quantisation)",
+    )
+    parser.add_argument(
+        "--calibration-limit", type=int, default=256, help="max calibration images (default 256)"
+    )
+    parser.add_argument("--int8-out", help="int8 destination (default: <out stem>.int8.onnx)")
+    parser.add_argument(
+        "--prepare-size", type=parse_prepare_size, default=DEFAULT_PREPARE_SIZE, metavar="PX|none",
+        help="shrink calibration images like prediction does (default "
+        f"{DEFAULT_PREPARE_SIZE}; 'none' to keep them)",
+    )
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="max abs diff (default 1e-4)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tools/export.py``.
+
+    Returns:
+        0 on success, 1 when a verification failed, 2 on bad input.
+    """
+    from raug.deploy.quantize import calibration_inputs, default_int8_path, quantize_onnx
+
+    args = build_parser().parse_args(argv)
+    if args.calibration and not args.quantize:
+        print("error: --calibration needs --quantize int8", file=sys.stderr)
+        return 2
+    try:
+        model, spec = load_model(args.checkpoint, "cpu", output_kind=args.output)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"checkpoint {args.checkpoint}: {spec.model_name}, {n_params:,} parameters, "
+            f"{spec.num_classes} classes {list(spec.class_names)}, {spec.img_size} px",
+            file=sys.stderr,
+        )
+        print(f"exporting ONNX ({args.exporter} exporter) ...", file=sys.stderr)
+        diff = export_onnx(
+            model, spec, args.out, args.opset, dynamo=args.exporter == "dynamo", tol=args.tol
+        )
+        print(
+            f"wrote {args.out} ({Path(args.out).stat().st_size:,} B, output={spec.output_kind}); "
+            f"onnxruntime vs PyTorch max abs diff {diff:.2e} (batches {VERIFY_BATCHES})",
+            file=sys.stderr,
+        )
+        if args.torchscript:
+            ts_diff = export_torchscript(model, spec, args.torchscript, tol=args.tol)
+            print(
+                f"wrote {args.torchscript}; TorchScript vs PyTorch max abs diff {ts_diff:.2e}",
+                file=sys.stderr,
+            )
+        if args.quantize:
+            calib = None
+            if args.calibration:
+                calib = calibration_inputs(
+                    args.calibration, spec, args.calibration_limit,
+                    progress=not args.no_progress, prepare_size=args.prepare_size,
+                )
+            report = quantize_onnx(args.out, args.int8_out or default_int8_path(args.out), calib)
+            print(report.summary(), file=sys.stderr)
+    except ExportError as exc:
+        print(f"error: verification failed: {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, SpecError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

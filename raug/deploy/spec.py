@@ -1,0 +1,250 @@
+"""What a deployed model needs to know about itself, and the ONNX metadata contract (torch-free).
+
+A :class:`ModelSpec` is read from a project checkpoint (:func:`spec_from_checkpoint`) and
+written into every exported ONNX file as ``metadata_props`` (:func:`spec_to_metadata`); the
+predictor reads it back (:func:`spec_from_metadata`) so an ``.onnx`` file is as
+self-describing as the checkpoint it came from. Every metadata value is a JSON string:
+
+=========================  =================================================================
+key                        value (JSON)
+=========================  =================================================================
+``deploy_format``          ``"ssdkd-deploy"``
+``deploy_format_version``  ``1``
+``model_name``             architecture, e.g. ``"mobilenet"``
+``class_names``            class codes in label order, e.g. ``["AK", "BCC", ...]``
+``img_size``               input side S in pixels
+``normalization``          ``{"mean": [r, g, b], "std": [r, g, b], "max_pixel_value": 255.0}``
+``input``                  ``{"name": "input", "layout": "NCHW", "color": "RGB",
+                           "dtype": "float32", "shape": ["batch", 3, S, S],
+                           "preprocessing": "..."}``
+``output``                 ``{"name": "probs"|"logits", "kind": "probs"|"logits",
+                           "shape": ["batch", K]}``
+``source_checkpoint``      ``{"file": name, "sha256": hex, "epoch": int|null}``
+``quantization``           int8 files only: ``{"mode": "static"|"dynamic", ...}``
+=========================  =================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEPLOY_FORMAT = "ssdkd-deploy"
+DEPLOY_FORMAT_VERSION = 1
+INPUT_NAME = "input"
+OUTPUT_KINDS = ("probs", "logits")
+PREPROCESSING = (
+    "RGB uint8 image -> cv2.resize to (S, S) with INTER_LINEAR -> "
+    "(v / 255 - mean) / std per channel -> CHW float32 (albumentations "
+    "Resize + Normalize, the training engine's evaluation transform)"
+)
+_REQUIRED_CKPT_KEYS = ("model_name", "num_classes", "class_names", "img_size", "normalization")
+
+
+class SpecError(ValueError):
+    """A checkpoint or ONNX file lacks, or has malformed, deployment information."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to feed a model and read its answer.
+
+    Attributes:
+        model_name: architecture name (``"resnet-50"``, ``"mobilenet"``).
+        class_names: class codes in label order.
+        img_size: square input side in pixels.
+        mean: per-channel normalisation mean (0-1 scale).
+        std: per-channel normalisation std (0-1 scale).
+        output_kind: ``"probs"`` (softmax probabilities) or ``"logits"``.
+        source: description of the checkpoint the model came from.
+        extra: further metadata (e.g. quantisation details), JSON-like.
+    """
+
+    model_name: str
+    class_names: tuple[str, ...]
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    output_kind: str = "probs"
+    source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of :attr:`class_names`)."""
+        return len(self.class_names)
+
+    @property
+    def output_name(self) -> str:
+        """Name of the ONNX output tensor (equals the output kind)."""
+        return self.output_kind
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def spec_from_checkpoint(
+    ckpt: Mapping[str, Any], path: str | os.PathLike, output_kind: str = "probs"
+) -> ModelSpec:
+    """Build the spec of a project checkpoint (see :mod:`raug.checkpoint` for the schema).
+
+    Args:
+        ckpt: the loaded checkpoint dict.
+        path: the checkpoint file (named in errors, hashed into ``source``).
+        output_kind: ``"probs"`` or ``"logits"``.
+
+    Returns:
+        The spec.
+
+    Raises:
+        SpecError: a required key is missing or malformed (message names file and key).
+    """
+    path = Path(path)
+    missing = [key for key in (*_REQUIRED_CKPT_KEYS, "model_state_dict") if key not in ckpt]
+    if missing:
+        raise SpecError(
+            f"checkpoint {path} is not self-describing: missing key(s) {missing} "
+            f"(expected a project checkpoint written by raug.checkpoint.save_checkpoint)"
+        )
+    epoch = ckpt.get("epoch")
+    source = {
+        "file": path.name,
+        "sha256": file_sha256(path) if path.is_file() else None,
+        "epoch": int(epoch) if isinstance(epoch, int) else None,
+    }
+    spec = _build_spec(
+        {key: ckpt[key] for key in _REQUIRED_CKPT_KEYS}, f"checkpoint {path}", output_kind, source
+    )
+    if int(ckpt["num_classes"]) != spec.num_classes:
+        raise SpecError(
+            f"checkpoint {path}: num_classes={ckpt['num_classes']} but class_names has "
+            f"{spec.num_classes} entries"
+        )
+    return spec
+
+
+def spec_to_metadata(spec: ModelSpec) -> dict[str, str]:
+    """Encode a spec as ONNX ``metadata_props`` (every value a JSON string).
+
+    Args:
+        spec: the model spec.
+
+    Returns:
+        ``{key: json_string}`` following the table in this module's docstring.
+    """
+    size = spec.img_size
+    meta: dict[str, Any] = {
+        "deploy_format": DEPLOY_FORMAT,
+        "deploy_format_version": DEPLOY_FORMAT_VERSION,
+        "model_name": spec.model_name,
+        "class_names": list(spec.class_names),
+        "img_size": size,
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std), "max_pixel_value": 255.0},
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "color": "RGB",
+            "dtype": "float32",
+            "shape": ["batch", 3, size, size],
+            "preprocessing": PREPROCESSING,
+        },
+        "output": {
+            "name": spec.output_name,
+            "kind": spec.output_kind,
+            "shape": ["batch", spec.num_classes],
+        },
+        "source_checkpoint": dict(spec.source),
+    }
+    meta.update(spec.extra)
+    return {key: json.dumps(value) for key, value in meta.items()}
+
+
+def spec_from_metadata(meta: Mapping[str, str], where: str) -> ModelSpec:
+    """Decode ONNX ``metadata_props`` written by :func:`spec_to_metadata`.
+
+    Args:
+        meta: ``{key: json_string}``.
+        where: what to name in errors (e.g. the ONNX file).
+
+    Returns:
+        The spec (unknown keys are kept in ``extra``).
+
+    Raises:
+        SpecError: the file was not exported by this toolkit or a value is malformed.
+    """
+    try:
+        decoded = {key: json.loads(value) for key, value in meta.items()}
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{where}: metadata value is not JSON: {exc}") from exc
+    if decoded.get("deploy_format") != DEPLOY_FORMAT:
+        raise SpecError(
+            f"{where}: no '{DEPLOY_FORMAT}' metadata (deploy_format="
+            f"{decoded.get('deploy_format')!r}); export the model with tools/export.py"
+        )
+    missing = [k for k in ("model_name", "class_names", "img_size", "normalization", "output")
+               if k not in decoded]
+    if missing:
+        raise SpecError(f"{where}: metadata lacks key(s) {missing}")
+    output = decoded["output"]
+    if not isinstance(output, dict) or "kind" not in output:
+        raise SpecError(f"{where}: metadata 'output' must be a dict with 'kind', got {output!r}")
+    known = {*_REQUIRED_CKPT_KEYS, "deploy_format", "deploy_format_version", "input", "output",
+             "source_checkpoint"}
+    extra = {key: value for key, value in decoded.items() if key not in known}
+    return _build_spec(
+        decoded, where, output["kind"], decoded.get("source_checkpoint") or {}, extra
+    )
+
+
+def _build_spec(
+    raw: Mapping[str, Any],
+    where: str,
+    output_kind: str,
+    source: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> ModelSpec:
+    if output_kind not in OUTPUT_KINDS:
+        raise SpecError(f"{where}: output kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
+    names = raw["class_names"]
+    if not isinstance(names, list | tuple) or not names or not all(isinstance(n, str) for n in names):
+        raise SpecError(f"{where}: 'class_names' must be a non-empty list of strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where}: 'class_names' has duplicates: {names!r}")
+    size = raw["img_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise SpecError(f"{where}: 'img_size' must be a positive int, got {size!r}")
+    norm = raw["normalization"]
+    try:
+        mean = tuple(float(v) for v in norm["mean"])
+        std = tuple(float(v) for v in norm["std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(
+            f"{where}: 'normalization' must be {{'mean': [3 floats], 'std': [3 floats]}}, "
+            f"got {norm!r}"
+        ) from exc
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise SpecError(f"{where}: 'normalization' needs 3 means and 3 positive stds, got {norm!r}")
+    model_name = raw["model_name"]
+    if not isinstance(model_name, str) or not model_name:
+        raise SpecError(f"{where}: 'model_name' must be a non-empty string, got {model_name!r}")
+    return ModelSpec(
+        model_name=model_name,
+        class_names=tuple(names),
+        img_size=size,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        output_kind=output_kind,
+        source=dict(source),
+        extra=dict(extra or {}),
+    )

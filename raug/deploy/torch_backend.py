@@ -1,0 +1,131 @@
+"""Project checkpoints as ready-to-run PyTorch models (prediction and Grad-CAM backend)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import models
+from raug.checkpoint import load_checkpoint
+from raug.deploy.images import DEFAULT_MAX_PIXELS, DEFAULT_PREPARE_SIZE, ImageLoadError, load_rgb
+from raug.deploy.preprocess import preprocess
+from raug.deploy.spec import ModelSpec, SpecError, spec_from_checkpoint
+from raug.device import resolve_device
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", output_kind: str = "probs"
+) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the network of a project checkpoint in eval mode.
+
+    Args:
+        path: checkpoint written by :func:`raug.checkpoint.save_checkpoint`.
+        device: where to put the model.
+        output_kind: recorded in the spec (``"probs"`` or ``"logits"``).
+
+    Returns:
+        ``(model, spec)``.
+
+    Raises:
+        raug.checkpoint.CheckpointError: missing/corrupt/unsafe file (names it).
+        SpecError: not self-describing, or an unknown architecture (names file and value).
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    spec = spec_from_checkpoint(ckpt, path, output_kind)
+    try:
+        model = models.create_model(spec.model_name, spec.num_classes, pretrained=False)
+    except (KeyError, ValueError) as exc:
+        raise SpecError(
+            f"checkpoint {path}: unknown architecture model_name={spec.model_name!r} ({exc})"
+        ) from exc
+    try:
+        models.load_weights(model, ckpt["model_state_dict"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise SpecError(
+            f"checkpoint {path}: model_state_dict does not fit {spec.model_name!r} "
+            f"with {spec.num_classes} classes: {exc}"
+        ) from exc
+    return model.to(resolve_device(device)).eval(), spec
+
+
+class TorchPredictor:
+    """Probabilities (and Grad-CAM overlays) from a project checkpoint.
+
+    Args:
+        path: the checkpoint.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+    """
+
+    supports_explain = True
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
+        self.path = Path(path)
+        self.device = resolve_device(device)
+        self.model, self.spec = load_model(self.path, self.device)
+
+    def predict_probs(self, batch: np.ndarray) -> np.ndarray:
+        """``(N, K)`` float32 softmax probabilities for a preprocessed NCHW float32 batch."""
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def explain(
+        self,
+        paths: Sequence[Path],
+        classes: Sequence[int],
+        out_dir: str | os.PathLike,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        progress: bool = True,
+        alpha: float = 0.6,
+        prepare_size: int | None = DEFAULT_PREPARE_SIZE,
+    ) -> list[Path]:
+        """Write a Grad-CAM overlay ``<stem>_gradcam.png`` per image into ``out_dir``.
+
+        Args:
+            paths: images (already known to be readable).
+            classes: the class to explain per image (normally the prediction).
+            out_dir: destination folder (created).
+            max_pixels: decompression-bomb limit.
+            progress: show a tqdm bar.
+            alpha: heat-map opacity at the hottest point.
+            prepare_size: as in prediction; the overlay has the size of the image the
+                evaluation transform received (the original unless it was shrunk).
+
+        Returns:
+            The written files.
+        """
+        from raug.deploy.gradcam import grad_cam, save_overlay
+
+        written = []
+        out_dir = Path(out_dir)
+        bar = tqdm(
+            list(zip(paths, classes, strict=True)), desc="grad-cam", unit="img",
+            disable=not progress, file=sys.stderr,
+        )
+        for path, cls in bar:
+            try:
+                rgb = load_rgb(path, max_pixels=max_pixels, prepare_size=prepare_size)
+            except ImageLoadError as exc:
+                tqdm.write(f"grad-cam skipped {path}: {exc.reason}", file=sys.stderr)
+                continue
+            x = torch.from_numpy(preprocess(rgb, self.spec.img_size, self.spec.mean, self.spec.std))
+            cam = grad_cam(self.model, x[None].to(self.device), [int(cls)])[0].cpu().numpy()
+            if not cam.any():
+                # Not a rendering failure: no location raises the score (evidence by absence).
+                tqdm.write(
+                    f"grad-cam for {path}: empty map, no location increases the "
+                    f"{self.spec.class_names[int(cls)]} score",
+                    file=sys.stderr,
+                )
+            target = out_dir / f"{path.stem}_gradcam.png"
+            save_overlay(target, rgb, cam, alpha=alpha)
+            written.append(target)
+        return written

@@ -1,0 +1,12 @@
+"""Export a project checkpoint to ONNX (+ optional int8 / TorchScript); see docs/deploy.md.
+
+Usage: python tools/export.py --checkpoint CKPT --out FILE.onnx [--quantize int8
+[--calibration IMAGE_DIR]] [--torchscript FILE.pt] [--opset N] [--output probs|logits]
+"""
+
+import sys
+
+from raug.deploy.export import main
+
+if __name__ == "__main__":
+    sys.exit(main())

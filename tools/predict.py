@@ -1,0 +1,14 @@
+"""Predict skin-lesion classes into an ISIC-style CSV; see docs/deploy.md.
+
+Usage: python tools/predict.py --model FILE(.pth|.onnx) --images PATH [PATH ...]
+--out preds.csv [--tta] [--batch-size N] [--device cpu|cuda|auto] [--explain DIR]
+
+With an .onnx model this never imports torch (it runs where only onnxruntime is installed).
+"""
+
+import sys
+
+from raug.deploy.predict import main
+
+if __name__ == "__main__":
+    sys.exit(main())
