@@ -30,7 +30,7 @@ DATASET = {"num_images": 1000, "min_per_class": 40, "image_size": 96, "seed": 20
 # Loader workers would compete with torch's threads for the 2 cores: load in-process.
 COMMON = ["_img_size=64", "_device={device}", "_num_workers=0", "seed=0"]
 STEPS = {
-    "teacher ResNet-50": ("isic.py", ["_epochs=12", "_batch_size=32", "_lr_init=0.002",
+    "teacher ResNet-50": ("isic.py", ["_epochs=18", "_batch_size=32", "_lr_init=0.002",
                                       "_early_stop=6", "_sched_patience=2"]),
     "student alone": ("isic_d_kd.py", ['_kd_method="none"', "_epochs=8", "_batch_size=32"]),
     "D-KD student": ("isic_d_kd.py", ['_kd_method="d_kd"', "_lambd_drkd=1", "_lambd_crkd=1000",
