@@ -27,22 +27,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from raug.isic2019.schema import CLASS_NAMES as SCHEMA_CLASS_NAMES
+from raug.isic2019.schema import SEX_VALUES, SITE_VALUES
 from raug.transforms import apply_transform, eval_transform, train_transform
 
-CLASS_NAMES: tuple[str, ...] = ("AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC")
-META_COLUMNS: tuple[str, ...] = (
-    "age_approx",
-    "female",
-    "male",
-    "anterior torso",
-    "head/neck",
-    "lateral torso",
-    "lower extremity",
-    "oral/genital",
-    "palms/soles",
-    "posterior torso",
-    "upper extremity",
-)
+# The prepared CSVs' vocabulary is defined once, by the preparation code.
+CLASS_NAMES: tuple[str, ...] = SCHEMA_CLASS_NAMES
+META_COLUMNS: tuple[str, ...] = ("age_approx", *SEX_VALUES, *SITE_VALUES)
 TRAIN_CSV = Path("train") / "ISIC2019_parsed_train.csv"
 TEST_CSV = Path("test") / "ISIC2019_parsed_test.csv"
 _REQUIRED = ("image", *META_COLUMNS, "diagnostic", "diagnostic_number")
