@@ -1,0 +1,305 @@
+"""Run every speed comparison of the toolkit against its seed-style baseline, side by side.
+
+Usage (from the repository root)::
+
+    python benchmarks/run.py [--quick] [--json OUT] [--device cpu|cuda|cuda:1|auto]
+        [--only channel_relation dkd_step ssd_kd_step loader]
+        [--amp off|bf16|fp16] [--no-channels-last] [--compile] [--skip-extras] [--threads T]
+
+Items (CPU targets), each measured in this one process, on the same inputs, in
+alternating runs (ours, baseline, ours, ...) after warm-up, median of the timed runs:
+
+* ``channel_relation``: hw x hw identity vs direct Gram matrices, forward + backward,
+  N=48, C=2048, 7x7 (``bench_channel_relation.bench``): >= 10x.
+* ``dkd_step``: one D-KD training step, batch 32 at 128 px (``dkd_step_224px``: at 224 px,
+  full run only), toolkit vs seed-style (``baselines/seed_dkd_step.py``): >= 1.5x. The
+  entry also holds the seed step's growth with piled-up hooks (``hook_growth``), the
+  toolkit step's time and peak memory per batch size (``scaling``) and the projected
+  epoch times of teacher CE, D-KD and SSD-KD (``epoch_projection``).
+* ``ssd_kd_step``: one SSD-KD phase-2 step, 8 images (32 views) at 128 px
+  (``ssd_kd_step_224px`` in the full run): >= 1.5x.
+* ``loader``: training images/s, prepared cache vs full-size originals: >= 3x.
+
+``--quick`` measures fewer repeats and sizes with the same semantics (a few minutes
+on 2 CPU cores). The JSON is ``{name: {"ratio": baseline/ours, "ours", "baseline",
+"unit", "setup", "target", "met", ...raw figures}}``; every entry carries the machine
+and its load at the time it ran (``machine``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from raug.device import resolve_device
+
+if __package__:
+    from . import bench_loader, bench_steps, common
+    from .bench_channel_relation import bench as bench_channel_relation
+else:
+    import bench_loader
+    import bench_steps
+    import common
+    from bench_channel_relation import bench as bench_channel_relation
+
+ITEMS = ("channel_relation", "dkd_step", "ssd_kd_step", "loader")
+TARGETS = {"channel_relation": 10.0, "dkd_step": 1.5, "ssd_kd_step": 1.5, "loader": 3.0}
+STEPS_PER_EPOCH_32 = -(-bench_steps.EPOCH_IMAGES // 32)  # batches of 32 in one epoch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and repeats of one run (``--quick`` or full); semantics are the same."""
+
+    repeats: int
+    warmup: int
+    cr_repeats: int
+    dkd_sizes: tuple[int, ...]
+    ssd_sizes: tuple[int, ...]
+    ssd_images: int
+    growth_epochs: tuple[int, ...]
+    growth_repeats: int
+    scaling_batches: tuple[int, ...]
+    scaling_px: int
+    scaling_repeats: int
+    projection_px: int
+    loader_repeats: int
+
+
+QUICK = Plan(repeats=3, warmup=1, cr_repeats=3, dkd_sizes=(128,), ssd_sizes=(128,),
+             ssd_images=8, growth_epochs=(0, 1, 10), growth_repeats=1,
+             scaling_batches=(32, 64), scaling_px=128, scaling_repeats=1,
+             projection_px=128, loader_repeats=3)
+FULL = Plan(repeats=4, warmup=1, cr_repeats=5, dkd_sizes=(128, 224), ssd_sizes=(128, 224),
+            ssd_images=8, growth_epochs=(0, 1, 10, 100), growth_repeats=2,
+            scaling_batches=(32, 64, 128), scaling_px=224, scaling_repeats=2,
+            projection_px=224, loader_repeats=5)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Device settings of the toolkit side (the seed-style side is always float32 NCHW)."""
+
+    device: str
+    amp: str | None
+    channels_last: bool
+    compile: bool
+    extras: bool = True
+
+
+def _entry_name(item: str, px: int, sizes: tuple[int, ...]) -> str:
+    return item if px == sizes[0] else f"{item}_{px}px"
+
+
+def run_channel_relation(plan: Plan, opts: Options) -> dict[str, dict]:
+    """``bench_channel_relation.bench`` (a :func:`common.make_result` entry) at N=48, 7x7."""
+    entry = bench_channel_relation(48, 2048, 7, opts.device, plan.cr_repeats)
+    entry["setup"] = {**entry["setup"], "repeats": plan.cr_repeats}
+    entry["machine"] = common.machine_info(opts.device)
+    return {"channel_relation": entry}
+
+
+def _step_setup(kind: str, images: int, px: int, opts: Options, plan: Plan) -> dict[str, Any]:
+    return {
+        kind: images, "px": px, "device": opts.device, "amp": opts.amp or "off",
+        "channels_last": opts.channels_last, "compile": opts.compile,
+        "repeats": plan.repeats, "warmup": plan.warmup,
+    }
+
+
+def _projection(entry: dict, images: int) -> dict[str, Any]:
+    return {
+        "ours": bench_steps.epoch_projection(entry["ours"], images),
+        "baseline": bench_steps.epoch_projection(entry["baseline"], images),
+    }
+
+
+def run_dkd(plan: Plan, opts: Options) -> dict[str, dict]:
+    """``dkd_step`` entries (one per size), hook growth on the first, scaling, projection."""
+    out = {}
+    for px in plan.dkd_sizes:
+        pair = bench_steps.prepare_dkd(32, px, opts.device, opts.channels_last, opts.amp,
+                                       opts.compile)
+        timings = bench_steps.time_pair(pair, plan.repeats, plan.warmup, opts.device,
+                                        f"dkd_step {px}px")
+        name = _entry_name("dkd_step", px, plan.dkd_sizes)
+        entry = common.make_result(
+            timings, "s/step", _step_setup("batch", 32, px, opts, plan), TARGETS["dkd_step"],
+            extra={"check": pair.check, "machine": common.machine_info(opts.device)},
+        )
+        entry["epoch_projection"] = _projection(entry, 32)
+        if px == plan.dkd_sizes[0] and opts.extras:
+            ks = [1 + e * STEPS_PER_EPOCH_32 for e in plan.growth_epochs]
+            entry["hook_growth"] = bench_steps.hook_growth(
+                pair, ks, plan.growth_repeats, opts.device, STEPS_PER_EPOCH_32
+            )
+        out[name] = entry
+        del pair
+    return out
+
+
+def run_ssd(plan: Plan, opts: Options) -> dict[str, dict]:
+    """``ssd_kd_step`` entries, one per size."""
+    out = {}
+    for px in plan.ssd_sizes:
+        pair = bench_steps.prepare_ssdkd(plan.ssd_images, px, opts.device, opts.channels_last,
+                                         opts.amp, opts.compile)
+        timings = bench_steps.time_pair(pair, plan.repeats, plan.warmup, opts.device,
+                                        f"ssd_kd_step {px}px")
+        setup = _step_setup("images", plan.ssd_images, px, opts, plan)
+        setup["views"] = 4 * plan.ssd_images
+        entry = common.make_result(
+            timings, "s/step", setup, TARGETS["ssd_kd_step"],
+            extra={"check": pair.check, "machine": common.machine_info(opts.device)},
+        )
+        entry["epoch_projection"] = _projection(entry, plan.ssd_images)
+        out[_entry_name("ssd_kd_step", px, plan.ssd_sizes)] = entry
+        del pair
+    return out
+
+
+def run_loader(plan: Plan, opts: Options, data_dir: Path) -> dict[str, dict]:
+    """``loader`` entry (data synthesized and prepared on first use)."""
+    data = bench_loader.prepare_data(data_dir)
+    entry = bench_loader.bench_loader(data, repeats=plan.loader_repeats, device=opts.device)
+    entry["machine"] = common.machine_info(opts.device)
+    return {"loader": entry}
+
+
+def add_scaling_and_projection(results: dict[str, dict], plan: Plan, opts: Options) -> None:
+    """Scaling of the toolkit D-KD step with batch size and the per-epoch projections.
+
+    Attached to the D-KD entry at ``plan.projection_px`` (``dkd_step`` in ``--quick``).
+    """
+    name = _entry_name("dkd_step", plan.projection_px, plan.dkd_sizes)
+    if name not in results:
+        return
+    entry = results[name]
+    entry["scaling"] = bench_steps.scaling(plan.scaling_batches, plan.scaling_px, opts.device,
+                                           plan.scaling_repeats)
+    teacher = bench_steps.teacher_step_time(32, plan.projection_px, opts.device, plan.repeats)
+    projection = {
+        "px": plan.projection_px,
+        "teacher_ce": bench_steps.epoch_projection(teacher["s_per_step"], 32),
+        "teacher_step": teacher,
+        "d_kd": entry["epoch_projection"],
+    }
+    ssd_name = _entry_name("ssd_kd_step", plan.projection_px, plan.ssd_sizes)
+    if ssd_name in results:
+        projection["ssd_kd"] = results[ssd_name]["epoch_projection"]
+    entry["epoch_projection"] = projection
+
+
+def run_all(
+    only: list[str], plan: Plan, opts: Options, data_dir: Path, report: Callable[[str], None]
+) -> dict[str, dict]:
+    """Run the selected items; returns ``{name: entry}`` (schema-checked)."""
+    runners = {
+        "channel_relation": lambda: run_channel_relation(plan, opts),
+        "dkd_step": lambda: run_dkd(plan, opts),
+        "ssd_kd_step": lambda: run_ssd(plan, opts),
+        "loader": lambda: run_loader(plan, opts, data_dir),
+    }
+    results: dict[str, dict] = {}
+    for item in tqdm(only, desc="benchmarks", unit="item"):
+        report(f"[{item}] load {common.load_average()}")
+        results.update(runners[item]())
+    if "dkd_step" in only and opts.extras:
+        add_scaling_and_projection(results, plan, opts)
+    for name, entry in results.items():
+        common.check_result(name, entry)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (minutes)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<i> or auto")
+    p.add_argument("--only", nargs="+", choices=ITEMS, default=list(ITEMS), metavar="NAME",
+                   help=f"items to run (default all: {' '.join(ITEMS)})")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="toolkit side AMP (CUDA only, as the engine's _amp)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="toolkit side without channels-last (engine _channels_last=False)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the toolkit side (CUDA)")
+    p.add_argument("--skip-extras", action="store_true",
+                   help="ratios only: no hook growth, batch scaling or epoch projection")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--data-dir", type=Path, default=bench_loader.DEFAULT_DATA_DIR,
+                   help="synthetic data of the loader item (created on first use)")
+    return p
+
+
+def _runs(values: list[float]) -> str:
+    return ", ".join(f"{v:.3g}" for v in values)
+
+
+def format_details(results: dict[str, dict]) -> str:
+    """Markdown tables of the raw figures: runs, checks, hook growth, scaling, projection."""
+    out = ["| item | ours runs | baseline runs | unit | load (1, 5, 15 min) | loss rel. diff |",
+           "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        check = r.get("check", {}).get("rel_diff", r.get("rel_diff"))
+        out.append(f"| {name} | {_runs(r['ours_runs'])} | {_runs(r['baseline_runs'])} | "
+                   f"{r['unit']} | {r.get('machine', {}).get('loadavg', '-')} | "
+                   f"{'-' if check is None else f'{check:.1e}'} |")
+    dkd = results.get("dkd_step", {})
+    if "hook_growth" in dkd:
+        out += ["", "| step k | epochs before | hooks per network | seed s/step | toolkit s/step | ratio |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {g['k']} | {g['epochs']:g} | {g['hooks_per_network']} | {g['baseline_s']:.2f} | "
+                f"{g['ours_s']:.2f} | {g['ratio']:.2f}x |" for g in dkd["hook_growth"]]
+    for r in results.values():
+        if "scaling" in r:
+            out += ["", "| batch | px | toolkit D-KD s/step | s/image | peak memory MiB |",
+                    "|---|---|---|---|---|"]
+            out += [f"| {s['batch']} | {s['px']} | {s['s_per_step']:.2f} | {s['s_per_image']:.3f} | "
+                    f"{s['peak_mib']:.0f} |" for s in r["scaling"]]
+        proj = r.get("epoch_projection", {})
+        if "teacher_ce" in proj:
+            out += ["", f"| method ({proj['px']} px) | toolkit s/image | toolkit epoch h | "
+                        "seed-style s/image | seed-style epoch h |", "|---|---|---|---|---|"]
+            t = proj["teacher_ce"]
+            out.append(f"| teacher CE | {t['s_per_image']:.3f} | {t['epoch_h']:.2f} | - | - |")
+            for method in ("d_kd", "ssd_kd"):
+                if method in proj:
+                    o, b = proj[method]["ours"], proj[method]["baseline"]
+                    out.append(f"| {method} | {o['s_per_image']:.3f} | {o['epoch_h']:.2f} | "
+                               f"{b['s_per_image']:.3f} | {b['epoch_h']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run, print the tables, write the JSON."""
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = str(resolve_device(args.device))
+    opts = Options(device, None if args.amp == "off" else args.amp, args.channels_last,
+                   args.compile, extras=not args.skip_extras)
+    plan = QUICK if args.quick else FULL
+    only = [item for item in ITEMS if item in args.only]
+    results = run_all(only, plan, opts, args.data_dir, lambda msg: tqdm.write(msg))
+    info = common.machine_info(device)
+    print(f"\nmachine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']}"
+          f" ({info['torch_threads']} threads), device {device}, load {info['loadavg']}")
+    print(common.format_table(results))
+    print()
+    print(format_details(results))
+    if args.json is not None:
+        common.write_json(args.json, results)
+        print(f"\nwrote {args.json}")
+    return 0 if all(r["met"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The benchmark harness on trivial functions: alternation, ratios, JSON schema, CLI.
+
+No timing assertion anywhere: the speed targets are measured by ``benchmarks/run.py``.
+Run from the repository root (``python -m pytest``, as ``tools/test.sh`` does), which
+puts the ``benchmarks`` folder on the import path.
+"""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_steps, common, run
+from benchmarks.baselines.seed_dkd_step import register_feature_hooks, seed_features
+
+
+class FakeClock:
+    """A clock that advances only when a benchmarked function 'works' for some seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, seconds: float):
+        def fn():
+            self.now += seconds
+            return seconds
+
+        return fn
+
+
+def test_alternate_order_warmup_then_ours_baseline_pairs():
+    calls = []
+    timings = common.alternate(
+        lambda: calls.append("ours"), lambda: calls.append("baseline"), repeats=3, warmup=2
+    )
+    assert calls == ["ours", "baseline"] * 5
+    assert timings.order == (
+        [("warmup", "ours"), ("warmup", "baseline")] * 2 + [("timed", "ours"), ("timed", "baseline")] * 3
+    )
+    assert len(timings.ours) == len(timings.baseline) == 3
+
+
+def test_alternate_times_each_run_and_syncs_before_the_clock_stops():
+    clock = FakeClock()
+    durations = itertools.cycle([1.0, 3.0, 2.0])
+    synced = []
+
+    def ours():
+        clock.now += next(durations)
+
+    def sync():
+        synced.append(clock.now)
+        clock.now += 0.5  # a sync that itself takes time is counted in the run
+
+    timings = common.alternate(ours, clock.work(10.0), repeats=3, warmup=1, sync=sync, clock=clock)
+    # warm-up consumed the first duration (1.0); timed ours: 3.0, 2.0, 1.0 (+0.5 sync each)
+    assert timings.ours == [3.5, 2.5, 1.5]
+    assert timings.baseline == [10.5] * 3
+    assert len(synced) == 8
+    assert timings.values == {"ours": None, "baseline": 10.0}
+
+
+def test_alternate_rejects_bad_counts():
+    with pytest.raises(ValueError, match="repeats"):
+        common.alternate(lambda: None, lambda: None, repeats=0)
+    with pytest.raises(ValueError, match="warmup"):
+        common.alternate(lambda: None, lambda: None, repeats=1, warmup=-1)
+
+
+def test_make_result_ratio_is_baseline_over_ours_of_medians():
+    timings = common.Timings(ours=[2.0, 1.0, 9.0], baseline=[6.0, 5.0, 4.0])
+    entry = common.make_result(timings, "s/step", {"batch": 32}, target=2.0)
+    assert entry["ours"] == 2.0
+    assert entry["baseline"] == 5.0
+    assert entry["ratio"] == pytest.approx(2.5)
+    assert entry["met"] is True
+    assert entry["ours_runs"] == [2.0, 1.0, 9.0]
+    assert common.make_result(timings, "s/step", "x", target=3.0)["met"] is False
+
+
+def test_make_result_scale_and_extra():
+    timings = common.Timings(ours=[4.0], baseline=[12.0])
+    entry = common.make_result(timings, "s/image", "64 images", 3.0, scale=1 / 4, extra={"n": 4})
+    assert (entry["ours"], entry["baseline"], entry["ratio"]) == (1.0, 3.0, 3.0)
+    assert entry["met"] is True
+    assert entry["n"] == 4
+    with pytest.raises(ValueError, match="clash"):
+        common.make_result(timings, "s/image", "x", 3.0, extra={"ratio": 1.0})
+
+
+def test_speed_ratio_needs_positive_time():
+    assert common.speed_ratio(3.0, 1.5) == 2.0
+    with pytest.raises(ValueError, match="positive"):
+        common.speed_ratio(1.0, 0.0)
+
+
+def test_json_round_trip_keeps_schema(tmp_path):
+    timings = common.Timings(ours=[1.0, 1.2], baseline=[3.0, 3.3])
+    results = {
+        "a": common.make_result(timings, "s/step", {"px": 128}, 1.5),
+        "b": common.make_result(timings, "s/image", "loader", 10.0),
+    }
+    path = common.write_json(tmp_path / "out" / "bench.json", results)
+    loaded = json.loads(path.read_text())
+    assert loaded == results
+    for name, entry in loaded.items():
+        common.check_result(name, entry)
+        assert set(common.RESULT_SCHEMA) <= set(entry)
+    assert loaded["a"]["ratio"] == pytest.approx(3.15 / 1.1)
+    assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"ratio": 7.0}, "ratio=7.0 != baseline/ours"),
+        ({"met": False}, "met=False disagrees"),
+        ({"unit": 3}, "unit=3 is not"),
+        ({"ours": True}, "ours=True is not"),
+    ],
+)
+def test_check_result_names_the_problem(change, message):
+    entry = common.make_result(common.Timings(ours=[1.0], baseline=[2.0]), "s/step", "x", 1.5)
+    entry.update(change)
+    with pytest.raises(ValueError, match=message):
+        common.check_result("dkd_step", entry)
+
+
+def test_check_result_names_a_missing_key():
+    entry = common.make_result(common.Timings(ours=[1.0], baseline=[2.0]), "s/step", "x", 1.5)
+    common.check_result("dkd_step", entry)
+    del entry["unit"]
+    with pytest.raises(ValueError, match=r"'dkd_step': missing key 'unit'"):
+        common.check_result("dkd_step", entry)
+
+
+def test_format_table_lists_every_item():
+    timings = common.Timings(ours=[0.5], baseline=[2.0])
+    table = common.format_table({
+        "dkd_step": common.make_result(timings, "s/step", {"batch": 32, "px": 128}, 1.5),
+        "loader": common.make_result(timings, "s/image", "64 images", 10.0),
+    })
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("| item |")
+    assert lines[2] == (
+        "| dkd_step | batch=32, px=128 | 500.0 ms | 2.00 s | s/step | 4.00x | >= 1.5x | yes |"
+    )
+    assert "| 4.00x | >= 10x | NO |" in lines[3]
+
+
+def test_cpu_model_reads_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU @ 3.00GHz\nflags\t: fpu\n")
+    assert common.cpu_model(info) == "Test CPU @ 3.00GHz"
+    assert isinstance(common.cpu_model(tmp_path / "missing"), str)
+
+
+def test_machine_info_fields():
+    info = common.machine_info("cpu")
+    for key in ("date", "cpu", "logical_cpus", "torch", "torchvision", "loadavg", "torch_threads"):
+        assert key in info
+    assert info["torch"] == torch.__version__
+
+
+def test_peak_memory_counts_a_large_allocation():
+    result = common.peak_memory(lambda: torch.ones(64 * 2**20 // 4).sum(), "cpu")
+    assert result["method"] in ("VmHWM", "ru_maxrss")
+    if result["method"] == "VmHWM":
+        assert result["peak_bytes"] >= 60 * 2**20  # the 64 MiB tensor was resident
+
+
+def test_epoch_projection_arithmetic():
+    assert round(25_331 * 0.9 * 0.8) == bench_steps.EPOCH_IMAGES
+    proj = bench_steps.epoch_projection(s_per_step=3.2, images_per_step=32)
+    assert proj["s_per_image"] == pytest.approx(0.1)
+    assert proj["epoch_s"] == pytest.approx(1823.8)
+    assert proj["epoch_h"] == pytest.approx(1823.8 / 3600)
+
+
+def test_check_close_accepts_equal_and_names_a_mismatch():
+    assert bench_steps.check_close("x", 1.0, 1.0000001, 1e-3)["rel_diff"] < 1e-6
+    with pytest.raises(bench_steps.StepCheckError, match=r"dkd_step: toolkit loss .* differ"):
+        bench_steps.check_close("dkd_step", 1.0, 1.1, 1e-3)
+    with pytest.raises(bench_steps.StepCheckError):
+        bench_steps.check_close("nan", float("nan"), 1.0, 1e-3)
+
+
+def test_cli_defaults_and_quick_plan_is_a_subset_of_the_full_plan():
+    args = run.build_parser().parse_args(["--quick", "--only", "loader", "dkd_step", "--json", "o.json"])
+    assert args.quick
+    assert args.only == ["loader", "dkd_step"]
+    assert (args.device, args.channels_last, args.amp) == ("cpu", True, "off")
+    assert run.build_parser().parse_args([]).only == list(run.ITEMS)
+    with pytest.raises(SystemExit):
+        run.build_parser().parse_args(["--only", "nonsense"])
+    for field in ("dkd_sizes", "ssd_sizes", "growth_epochs", "scaling_batches"):
+        assert set(getattr(run.QUICK, field)) <= set(getattr(run.FULL, field))
+    assert run.QUICK.repeats <= run.FULL.repeats
+    assert run.QUICK.ssd_images == run.FULL.ssd_images  # same semantics, fewer sizes
+    assert run.TARGETS == {"channel_relation": 10.0, "dkd_step": 1.5, "ssd_kd_step": 1.5, "loader": 3.0}
+
+
+def test_seed_hooks_pile_up_one_set_per_call():
+    model = bench_steps.models.create_model("mobilenet", 8).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    handles = []
+    with torch.no_grad():
+        first = seed_features(model, x, handles)
+        second = seed_features(model, x, handles)
+    assert set(first) == {"feats_7x7", "avg_pool", "logits"}
+    assert len(handles) == 6  # three new hooks per call, none removed
+    assert len(model.classifier._forward_hooks) == 4
+    torch.testing.assert_close(first["logits"], second["logits"])
+    torch.testing.assert_close(first["logits"], model(x))
+    torch.testing.assert_close(first["avg_pool"], model.forward_kd(x)["avg_pool"])
+    register_feature_hooks(model, {})
+    assert len(model.classifier._forward_hooks) == 6
+
+
+def test_format_details_tables_hold_the_raw_figures():
+    entry = common.make_result(common.Timings(ours=[1.0, 1.5], baseline=[3.0, 2.5]), "s/step", "x", 1.5,
+                               extra={"check": {"rel_diff": 2e-6}, "machine": {"loadavg": [0.5, 0.4, 0.3]}})
+    entry["hook_growth"] = [{"k": 571, "epochs": 1.0, "hooks_per_network": 1713,
+                             "baseline_s": 2.5, "ours_s": 1.0, "ratio": 2.5}]
+    entry["scaling"] = [{"batch": 64, "px": 224, "s_per_step": 6.4, "s_per_image": 0.1, "peak_mib": 2048.4}]
+    proj = bench_steps.epoch_projection(3.2, 32)
+    entry["epoch_projection"] = {"px": 224, "teacher_ce": proj, "d_kd": {"ours": proj, "baseline": proj}}
+    text = run.format_details({"dkd_step": entry})
+    assert "| dkd_step | 1, 1.5 | 3, 2.5 | s/step | [0.5, 0.4, 0.3] | 2.0e-06 |" in text
+    assert "| 571 | 1 | 1713 | 2.50 | 1.00 | 2.50x |" in text
+    assert "| 64 | 224 | 6.40 | 0.100 | 2048 |" in text
+    assert "| teacher CE | 0.100 | 0.51 | - | - |" in text
+    assert "| d_kd | 0.100 | 0.51 | 0.100 | 0.51 |" in text
