@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "experiment" / "isic"
 
-# Sized for about 10 minutes on 2 CPU cores (see README "Main job").
+# Sized for about 11 minutes on 2 idle CPU cores (see README "Results of the main job").
 # 40 images per rare class keep the per-class test metrics from resting on 1-2 images.
 DATASET = {"num_images": 1000, "min_per_class": 40, "image_size": 96, "seed": 2019, "prep_size": 72}
 # Loader workers would compete with torch's threads for the 2 cores: load in-process.
@@ -36,7 +36,7 @@ STEPS = {
     "D-KD student": ("isic_d_kd.py", ['_kd_method="d_kd"', "_lambd_drkd=1", "_lambd_crkd=1000",
                                       "_epochs=8", "_batch_size=32"]),
     "SSD-KD student": ("isic_ssd_kd.py", ['_kd_method="ssd_kd"', "_lambd_drkd=1", "_lambd_crkd=1000",
-                                          "_epochs=4", "_batch_size=16", "_epochs_tune=3"]),
+                                          "_epochs=8", "_batch_size=16", "_epochs_tune=3"]),
 }
 FOLDERS = {
     "teacher ResNet-50": "teacher",
