@@ -141,7 +141,7 @@ class ToolkitStep:
         task: a :class:`raug.task.BaseTask`.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
         channels_last: move modules and images to channels-last (the engine's default).
-        amp: ``None``/``"off"``/``"bf16"``/``"fp16"`` (CUDA only, as in the engine).
+        amp: ``None``/``"off"``/``"bf16"``/``"fp16"`` (as the engine: both on CUDA, ``bf16`` only on CPU).
         compile: ``torch.compile`` every module (CUDA only, as in the engine).
         lr: SGD learning rate (engine default optimizer: momentum 0.9, weight decay 1e-3).
     """

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", choices=ITEMS, default=list(ITEMS), metavar="NAME",
                    help=f"items to run (default all: {' '.join(ITEMS)})")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
-                   help="toolkit side AMP (CUDA only, as the engine's _amp)")
+                   help="toolkit side AMP, as the engine's _amp (bf16/fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="toolkit side without channels-last (engine _channels_last=False)")
     p.add_argument("--compile", action="store_true", help="torch.compile the toolkit side (CUDA)")

@@ -42,7 +42,7 @@ SHARED_CONFIG: dict[str, Any] = {
     "_img_size": 224,
     "_device": "auto",  # auto / cpu / cuda / cuda:<i>
     "_num_workers": min(8, os.cpu_count() or 1),
-    "_amp": None,  # None / "off" / "bf16" / "fp16" (CUDA only)
+    "_amp": None,  # None / "off" / "bf16" / "fp16" (fp16: CUDA only; bf16 also on CPU)
     "_channels_last": True,
     "_compile": False,  # torch.compile (CUDA only)
     "_resume": False,  # continue from <_save_folder>/last-checkpoint

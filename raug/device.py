@@ -59,8 +59,11 @@ def resolve_device(spec: str | torch.device) -> torch.device:
 def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``_amp`` on ``device`` (``None`` = full precision).
 
-    AMP is a CUDA feature here: on CPU it is ignored with a log line, because CPU
-    autocast is slower than float32 for these convolutional networks.
+    On CUDA both ``bf16`` and ``fp16`` apply. On CPU only ``bf16`` does: CPUs with
+    AMX or AVX512-BF16 run bf16 convolutions about twice as fast as float32 (a D-KD step
+    at 224 px on the development Xeon: 1.6 s instead of 3.0 s), while CPUs without them
+    are slower, so it is never switched on implicitly. ``fp16`` on CPU is ignored with
+    a warning (no CPU runs float16 convolutions fast, and it would need loss scaling).
 
     Raises:
         ValueError: an ``_amp`` value outside :data:`AMP_CHOICES`.
@@ -69,8 +72,12 @@ def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
         raise ValueError(f"_amp={amp!r} is unknown; allowed: None, 'off', 'bf16', 'fp16'")
     if amp in (None, "off"):
         return None
-    if device.type != "cuda":
-        log.info("_amp=%r ignored on %s: mixed precision is used on CUDA only", amp, device)
+    if device.type == "cpu" and amp == "fp16":
+        log.warning("_amp='fp16' ignored on cpu (float16 autocast is CUDA-only here); "
+                    "use _amp='bf16' on CPUs with AMX / AVX512-BF16")
+        return None
+    if device.type not in ("cpu", "cuda"):
+        log.info("_amp=%r ignored on %s: mixed precision is used on CUDA and CPU only", amp, device)
         return None
     return _AMP_DTYPES[amp]
 

@@ -251,3 +251,34 @@ def test_unknown_best_metric_is_reported(tmp_path):
     with pytest.raises(KeyError, match=r"best_metric=.auc.*available"):
         fit(ScriptedTask([1.0]), train, val, settings(epochs=1, best_metric="auc"),
             RunOutputs(tmp_path))
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def test_amp_setting_per_device(caplog):
+    from raug.device import amp_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype(None, cpu) is None and amp_dtype("off", cuda) is None
+    assert amp_dtype("bf16", cpu) is torch.bfloat16  # explicit opt-in on CPU (AMX / AVX512-BF16)
+    assert amp_dtype("bf16", cuda) is torch.bfloat16
+    assert amp_dtype("fp16", cuda) is torch.float16
+    with caplog.at_level("WARNING", logger="raug.device"):
+        assert amp_dtype("fp16", cpu) is None
+    assert "_amp='fp16' ignored on cpu" in caplog.text
+    with pytest.raises(ValueError, match="_amp='fp8' is unknown"):
+        amp_dtype("fp8", cpu)
+
+
+def test_bf16_training_on_cpu_follows_float32(tmp_path):
+    """_amp='bf16' on CPU trains under autocast, learns, and stays near the float32 run."""
+    full = fit(make_task(), *loaders(), settings(epochs=3), RunOutputs(tmp_path / "fp32"))
+    mixed = fit(make_task(), *loaders(), settings(epochs=3, amp="bf16"), RunOutputs(tmp_path / "bf16"))
+    first = [row["train.loss"] for row in mixed.history]
+    assert first[-1] < first[0]
+    for a, b in zip(full.history, mixed.history):
+        assert b["train.loss"] == pytest.approx(a["train.loss"], rel=0.05)
+        assert b["val.loss"] == pytest.approx(a["val.loss"], rel=0.05)
+    # the autocast really ran: bf16 rounding makes the losses differ from float32's
+    assert mixed.history[-1]["val.loss"] != full.history[-1]["val.loss"]
