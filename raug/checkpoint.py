@@ -8,6 +8,9 @@ weights_only=True)`` can read (tensors, numbers, strings, lists, dicts only):
 ``num_classes``        int; ``class_names`` list of class codes in label order.
 ``img_size``           training/evaluation input size in pixels.
 ``normalization``      ``{"mean": [r, g, b], "std": [r, g, b]}`` (0-1 pixel scale).
+``data_preparation``   ``{"size": int | None, "split_hash": str}`` from the training data's
+                       ``prep_info.json`` (``size`` None: originals); absent when unknown.
+                       Prediction shrinks new images to the same ``size`` first.
 ``model_state_dict``   the network's ``state_dict`` (project layout = seed layout).
 ``extra_state_dicts``  ``{name: state_dict}`` for trained helpers (adapter, projection heads).
 ``epoch``              last completed epoch (1-based); ``metrics`` dict of floats.

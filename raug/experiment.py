@@ -67,7 +67,7 @@ from raug.distributed import (
 )
 from raug.engine import FitResult, FitSettings, fit, load_modules
 from raug.evaluate import SPLIT_FILES, evaluate_split
-from raug.isic2019 import split_hash
+from raug.isic2019 import DataError, load_prep_info, split_hash
 from raug.outputs import RunOutputs
 from raug.plots import plot_history
 from raug.task import Task
@@ -348,7 +348,7 @@ def seed_everything(seed: int) -> None:
 def checkpoint_info(config: Mapping[str, Any], class_names: list[str], task: Task) -> dict:
     """The self-describing part of every checkpoint of this run."""
     model = task.modules["model"]
-    return {
+    info = {
         "model_name": getattr(model, "model_name", type(model).__name__),
         "num_classes": int(getattr(model, "num_classes", len(class_names))),
         "class_names": list(class_names),
@@ -356,6 +356,24 @@ def checkpoint_info(config: Mapping[str, Any], class_names: list[str], task: Tas
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "config": plain_config(config),
     }
+    preparation = data_preparation(config["_base_path"])
+    if preparation is not None:
+        info["data_preparation"] = preparation
+    return info
+
+
+def data_preparation(base_path: str | Path) -> dict | None:
+    """How the training images were prepared (``prep_info.json``), for checkpoints.
+
+    Prediction on new images repeats the preparation's shrink (``size``) before the
+    evaluation transform. ``None`` for a folder without ``prep_info.json`` (not made by
+    ``run_preprocess.sh``).
+    """
+    try:
+        info = load_prep_info(resolve_repo_path(base_path))
+    except DataError:
+        return None
+    return {"size": info.get("size"), "split_hash": info.get("split_hash")}
 
 
 def load_resume_state(config: Mapping[str, Any], settings: FitSettings) -> dict | None:

@@ -46,7 +46,12 @@ from raug.deploy.images import (
     prepared_size,
 )
 from raug.deploy.onnx_backend import OnnxPredictor, read_metadata, softmax
-from raug.deploy.predict import parse_prepare_size, predict_batch, predictions_csv
+from raug.deploy.predict import (
+    parse_prepare_size,
+    predict_batch,
+    predictions_csv,
+    resolve_prepare_size,
+)
 from raug.deploy.preprocess import TTA_VIEWS, preprocess, tta_view
 from raug.deploy.quantize import calibration_inputs, quantize_onnx
 from raug.deploy.spec import SpecError, file_sha256, spec_from_checkpoint, spec_from_metadata
@@ -486,6 +491,40 @@ def test_predict_cli_tta(work, onnx_fp32, images):
     _, rows = _read_csv(out)
     probs = np.array([[float(v) for v in r[2:]] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+
+
+def test_recorded_preparation_size_is_the_prediction_default(work, model, images):
+    """A model trained on images prepared at 48 px shrinks new images to 48 px by default,
+    through the checkpoint and through its ONNX export; unrecorded models use 320."""
+    record = {"size": 48, "split_hash": "ab" * 32}
+    ckpt = save_checkpoint(work / "prep48.pth", _payload(model, data_preparation=record))
+    onnx_path = work / "prep48.onnx"
+    export_onnx(*load_model(ckpt), onnx_path)
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_path)).metadata_props}
+    assert meta["data_preparation"] == record
+
+    def probs(model_path, *extra):
+        out = work / "prep48.csv"
+        argv = ["--model", str(model_path), "--images", str(images), "--out", str(out), "--no-progress"]
+        assert predict_mod.main([*argv, *extra]) == 0
+        return np.array([[float(v) for v in r[2:]] for r in _read_csv(out)[1]])
+
+    for model_path in (ckpt, onnx_path):
+        auto = probs(model_path)
+        np.testing.assert_array_equal(auto, probs(model_path, "--prepare-size", "48"))
+        assert np.abs(auto - probs(model_path, "--prepare-size", "none")).max() > 1e-3  # it did shrink
+    np.testing.assert_allclose(probs(ckpt), probs(onnx_path), atol=1e-4, rtol=0)
+
+    spec = load_model(ckpt)[1]
+    assert resolve_prepare_size("auto", spec) == 48
+    assert resolve_prepare_size(None, spec) is None
+    assert resolve_prepare_size(200, spec) == 200
+    originals = _payload(model, data_preparation={"size": None, "split_hash": "x"})
+    assert resolve_prepare_size("auto", spec_from_checkpoint(originals, "o.pth")) is None
+    assert resolve_prepare_size("auto", spec_from_checkpoint(_payload(model), "old.pth")) == 320
+    assert parse_prepare_size("auto") == "auto"
+    with pytest.raises(SpecError, match="data_preparation"):
+        spec_from_checkpoint(_payload(model, data_preparation={"size": -3}), "bad.pth")
 
 
 def test_predictions_csv_text():

@@ -260,7 +260,8 @@ def test_amp_setting_per_device(caplog):
     from raug.device import amp_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert amp_dtype(None, cpu) is None and amp_dtype("off", cuda) is None
+    assert amp_dtype(None, cpu) is None
+    assert amp_dtype("off", cuda) is None
     assert amp_dtype("bf16", cpu) is torch.bfloat16  # explicit opt-in on CPU (AMX / AVX512-BF16)
     assert amp_dtype("bf16", cuda) is torch.bfloat16
     assert amp_dtype("fp16", cuda) is torch.float16

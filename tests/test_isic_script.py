@@ -80,6 +80,10 @@ def test_checkpoints_are_self_describing_and_load_with_weights_only(teacher_run)
         assert ck["img_size"] == 32
         assert ck["normalization"]["mean"] == pytest.approx(IMAGENET_MEAN)
         assert ck["config"]["_save_folder"] == str(out)
+        # how the training images were prepared, so prediction can shrink new images alike
+        prep = json.loads((teacher_run["base"] / "prep_info.json").read_text())
+        assert ck["data_preparation"] == {"size": prep["size"], "split_hash": prep["split_hash"]}
+        assert ck["data_preparation"]["size"] == 80
     assert last["epoch"] == 2
     assert len(last["history"]) == 2
     assert {"optimizer_state_dict", "scheduler_state_dict", "rng", "early_stop"} <= set(last)

@@ -38,7 +38,7 @@ from raug.checkpoint import CheckpointError
 from raug.deploy.atomic import atomic_write_with
 from raug.deploy.images import DEFAULT_PREPARE_SIZE
 from raug.deploy.onnx_backend import make_session
-from raug.deploy.predict import parse_prepare_size
+from raug.deploy.predict import AUTO_PREPARE_SIZE, parse_prepare_size
 from raug.deploy.spec import INPUT_NAME, OUTPUT_KINDS, ModelSpec, SpecError, spec_to_metadata
 from raug.deploy.torch_backend import load_model
 
@@ -285,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--int8-out", help="int8 destination (default: <out stem>.int8.onnx)")
     parser.add_argument(
-        "--prepare-size", type=parse_prepare_size, default=DEFAULT_PREPARE_SIZE, metavar="PX|none",
-        help="shrink calibration images like prediction does (default "
-        f"{DEFAULT_PREPARE_SIZE}; 'none' to keep them)",
+        "--prepare-size", type=parse_prepare_size, default=AUTO_PREPARE_SIZE, metavar="PX|none|auto",
+        help="shrink calibration images like prediction does (default auto: the size recorded "
+        f"with the model, else {DEFAULT_PREPARE_SIZE}; 'none' to keep them)",
     )
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="max abs diff (default 1e-4)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

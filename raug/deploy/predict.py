@@ -38,6 +38,31 @@ from raug.deploy.spec import ModelSpec, SpecError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt")
 
+#: ``prepare_size`` default: the size the model's training images were prepared at.
+AUTO_PREPARE_SIZE = "auto"
+
+
+def resolve_prepare_size(requested: int | str | None, spec: ModelSpec) -> int | None:
+    """The shorter side new images are shrunk to before the evaluation transform.
+
+    Args:
+        requested: a size in px, ``None`` (feed images as they are) or
+            :data:`AUTO_PREPARE_SIZE`: the ``size`` of the model's recorded
+            ``data_preparation`` (``None`` there: trained on originals), and for models
+            without that record (seed checkpoints, older exports) ``run_preprocess.sh``'s
+            default, :data:`~raug.deploy.images.DEFAULT_PREPARE_SIZE`.
+        spec: the model's spec.
+
+    Returns:
+        The size in px, or ``None`` for no shrinking.
+    """
+    if requested != AUTO_PREPARE_SIZE:
+        return requested  # type: ignore[return-value]
+    preparation = spec.extra.get("data_preparation")
+    if isinstance(preparation, dict) and "size" in preparation:
+        return preparation["size"]
+    return DEFAULT_PREPARE_SIZE
+
 
 class Predictor(Protocol):
     """What :func:`predict_images` needs from a backend."""
@@ -120,7 +145,7 @@ def predict_images(
     tta: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
-    prepare_size: int | None = DEFAULT_PREPARE_SIZE,
+    prepare_size: int | str | None = AUTO_PREPARE_SIZE,
 ) -> PredictionResult:
     """Predict every readable image; unreadable ones are reported on stderr and skipped.
 
@@ -132,7 +157,8 @@ def predict_images(
         max_pixels: decompression-bomb limit per image.
         progress: show a tqdm bar (on stderr).
         prepare_size: shrink larger images like the data preparation first (shorter side
-            in px, see :func:`~raug.deploy.images.load_rgb`); ``None``: do not.
+            in px, see :func:`~raug.deploy.images.load_rgb`); ``None``: do not; ``"auto"``:
+            as the model's training data (:func:`resolve_prepare_size`).
 
     Returns:
         The predictions and the list of skipped files.
@@ -140,6 +166,7 @@ def predict_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     spec = predictor.spec
+    prepare_size = resolve_prepare_size(prepare_size, spec)
     result = PredictionResult()
     chunks: list[np.ndarray] = []
     pending: list[tuple[Path, np.ndarray]] = []
@@ -214,7 +241,7 @@ def run(
     explain_dir: str | os.PathLike | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
-    prepare_size: int | None = DEFAULT_PREPARE_SIZE,
+    prepare_size: int | str | None = AUTO_PREPARE_SIZE,
 ) -> PredictionResult:
     """Predict ``images`` with ``model`` and write the CSV (and Grad-CAM overlays) atomically.
 
@@ -228,7 +255,8 @@ def run(
         explain_dir: write ``<stem>_gradcam.png`` overlays here (PyTorch models only).
         max_pixels: decompression-bomb limit per image.
         progress: show progress bars.
-        prepare_size: shrink larger images like the data preparation first (``None``: not).
+        prepare_size: shrink larger images like the data preparation first (``None``: not;
+            ``"auto"``: as the model's training data, see :func:`resolve_prepare_size`).
 
     Returns:
         The predictions, including the skipped files.
@@ -238,6 +266,7 @@ def run(
         FileNotFoundError: an image path does not exist.
     """
     predictor = load_predictor(model, device=device)
+    prepare_size = resolve_prepare_size(prepare_size, predictor.spec)
     if explain_dir is not None and not predictor.supports_explain:
         raise SpecError(
             f"--explain needs a PyTorch checkpoint (.pth): Grad-CAM differentiates through the "
@@ -282,22 +311,27 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"refuse larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})",
     )
     parser.add_argument(
-        "--prepare-size", type=parse_prepare_size, default=DEFAULT_PREPARE_SIZE, metavar="PX|none",
+        "--prepare-size", type=parse_prepare_size, default=AUTO_PREPARE_SIZE, metavar="PX|none|auto",
         help="first shrink larger images to this shorter side like run_preprocess.sh did for the "
-        f"training images (default {DEFAULT_PREPARE_SIZE}; 'none' to feed them as they are)",
+        "training images (default auto: the size recorded with the model, else "
+        f"{DEFAULT_PREPARE_SIZE}; 'none' to feed them as they are)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
-def parse_prepare_size(text: str) -> int | None:
-    """``--prepare-size`` values: a positive int, or ``none``/``0`` to switch it off."""
+def parse_prepare_size(text: str) -> int | str | None:
+    """``--prepare-size`` values: a positive int, ``none``/``0`` to switch it off, or ``auto``."""
+    if text.strip().lower() == AUTO_PREPARE_SIZE:
+        return AUTO_PREPARE_SIZE
     if text.strip().lower() in ("none", "0", "original"):
         return None
     try:
         value = int(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a pixel count or 'none', got {text!r}") from exc
+        raise argparse.ArgumentTypeError(
+            f"expected a pixel count, 'none' or 'auto', got {text!r}"
+        ) from exc
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a positive pixel count, got {text!r}")
     return value

@@ -33,7 +33,6 @@ from tqdm import tqdm
 from raug.deploy.atomic import atomic_write_with
 from raug.deploy.images import (
     DEFAULT_MAX_PIXELS,
-    DEFAULT_PREPARE_SIZE,
     ImageLoadError,
     collect_images,
     load_rgb,
@@ -133,7 +132,7 @@ def calibration_inputs(
     limit: int | None = 256,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
-    prepare_size: int | None = DEFAULT_PREPARE_SIZE,
+    prepare_size: int | str | None = "auto",
 ) -> np.ndarray:
     """Preprocess the images under ``folder`` exactly as prediction does.
 
@@ -143,7 +142,8 @@ def calibration_inputs(
         limit: use at most this many images (evenly spread over the sorted list).
         max_pixels: decompression-bomb limit.
         progress: show a tqdm bar.
-        prepare_size: shrink like the data preparation first (as prediction does).
+        prepare_size: shrink like the data preparation first (as prediction does; ``"auto"``:
+            as the model's training data, see :func:`raug.deploy.predict.resolve_prepare_size`).
 
     Returns:
         ``(N, 3, S, S)`` float32 inputs.
@@ -151,6 +151,9 @@ def calibration_inputs(
     Raises:
         FileNotFoundError: the folder is missing or holds no readable image.
     """
+    from raug.deploy.predict import resolve_prepare_size
+
+    prepare_size = resolve_prepare_size(prepare_size, spec)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"calibration folder not found: {folder}")

@@ -20,6 +20,8 @@ key                        value (JSON)
 ``output``                 ``{"name": "probs"|"logits", "kind": "probs"|"logits",
                            "shape": ["batch", K]}``
 ``source_checkpoint``      ``{"file": name, "sha256": hex, "epoch": int|null}``
+``data_preparation``       when the checkpoint recorded it: ``{"size": int|null, "split_hash": hex}``,
+                           how ``run_preprocess.sh`` shrank the training images (null: originals)
 ``quantization``           int8 files only: ``{"mode": "static"|"dynamic", ...}``
 =========================  =================================================================
 """
@@ -62,7 +64,7 @@ class ModelSpec:
         std: per-channel normalisation std (0-1 scale).
         output_kind: ``"probs"`` (softmax probabilities) or ``"logits"``.
         source: description of the checkpoint the model came from.
-        extra: further metadata (e.g. quantisation details), JSON-like.
+        extra: further metadata (e.g. quantisation details, ``data_preparation``), JSON-like.
     """
 
     model_name: str
@@ -123,8 +125,12 @@ def spec_from_checkpoint(
         "sha256": file_sha256(path) if path.is_file() else None,
         "epoch": int(epoch) if isinstance(epoch, int) else None,
     }
+    extra = {}
+    if "data_preparation" in ckpt:
+        extra["data_preparation"] = ckpt["data_preparation"]
     spec = _build_spec(
-        {key: ckpt[key] for key in _REQUIRED_CKPT_KEYS}, f"checkpoint {path}", output_kind, source
+        {key: ckpt[key] for key in _REQUIRED_CKPT_KEYS}, f"checkpoint {path}", output_kind, source,
+        extra,
     )
     if int(ckpt["num_classes"]) != spec.num_classes:
         raise SpecError(
@@ -238,6 +244,15 @@ def _build_spec(
     model_name = raw["model_name"]
     if not isinstance(model_name, str) or not model_name:
         raise SpecError(f"{where}: 'model_name' must be a non-empty string, got {model_name!r}")
+    preparation = (extra or {}).get("data_preparation")
+    if preparation is not None:
+        prep_size = preparation.get("size", 0) if isinstance(preparation, Mapping) else 0
+        if not (prep_size is None or (isinstance(prep_size, int) and not isinstance(prep_size, bool)
+                                      and prep_size > 0)):
+            raise SpecError(
+                f"{where}: 'data_preparation' must be {{'size': positive int or null, ...}}, "
+                f"got {preparation!r}"
+            )
     return ModelSpec(
         model_name=model_name,
         class_names=tuple(names),

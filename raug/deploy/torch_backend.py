@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import models
 from raug.checkpoint import load_checkpoint
-from raug.deploy.images import DEFAULT_MAX_PIXELS, DEFAULT_PREPARE_SIZE, ImageLoadError, load_rgb
+from raug.deploy.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_rgb
 from raug.deploy.preprocess import preprocess
 from raug.deploy.spec import ModelSpec, SpecError, spec_from_checkpoint
 from raug.device import resolve_device
@@ -85,7 +85,7 @@ class TorchPredictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         progress: bool = True,
         alpha: float = 0.6,
-        prepare_size: int | None = DEFAULT_PREPARE_SIZE,
+        prepare_size: int | str | None = "auto",
     ) -> list[Path]:
         """Write a Grad-CAM overlay ``<stem>_gradcam.png`` per image into ``out_dir``.
 
@@ -96,13 +96,17 @@ class TorchPredictor:
             max_pixels: decompression-bomb limit.
             progress: show a tqdm bar.
             alpha: heat-map opacity at the hottest point.
-            prepare_size: as in prediction; the overlay has the size of the image the
-                evaluation transform received (the original unless it was shrunk).
+            prepare_size: as in prediction (``"auto"``: as the model's training data); the
+                overlay has the size of the image the evaluation transform received (the
+                original unless it was shrunk).
 
         Returns:
             The written files.
         """
         from raug.deploy.gradcam import grad_cam, save_overlay
+        from raug.deploy.predict import resolve_prepare_size
+
+        prepare_size = resolve_prepare_size(prepare_size, self.spec)
 
         written = []
         out_dir = Path(out_dir)
