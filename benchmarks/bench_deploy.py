@@ -40,8 +40,8 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
+from raug.atomic import atomic_write_text
 from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
-from raug.deploy.atomic import atomic_write_text
 from raug.deploy.export import export_onnx
 from raug.deploy.onnx_backend import make_session
 from raug.deploy.quantize import quantize_onnx

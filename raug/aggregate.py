@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from raug.checkpoint import atomic_write_bytes
+from raug.atomic import atomic_write_bytes
 
 DEFAULT_METRICS = ("test.balanced_accuracy", "test.accuracy", "test.auc")
 CHECKPOINTS = ("best", "last")

@@ -28,13 +28,14 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from raug.atomic import atomic_write_with
 
 FORMAT = "ssdkd-checkpoint"
 FORMAT_VERSION = 1
@@ -44,35 +45,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt, unsafe or of the wrong kind."""
-
-
-def _umask_mode() -> int:
-    """Permissions a plain ``open(path, "w")`` would give (mkstemp files are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Text variant of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -85,21 +57,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     Returns:
         The destination path.
     """
-    path = Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

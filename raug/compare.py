@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 import models
-from raug.checkpoint import atomic_write_text, load_checkpoint
+from raug.atomic import atomic_write_text
+from raug.checkpoint import load_checkpoint
 
 METRIC_COLUMNS = {
     "test.accuracy": "test accuracy",

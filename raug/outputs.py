@@ -18,7 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from raug.checkpoint import atomic_write_bytes, atomic_write_text, save_checkpoint
+from raug.atomic import atomic_write_bytes, atomic_write_text
+from raug.checkpoint import save_checkpoint
 from raug.distributed import is_main_process
 
 log = logging.getLogger(__name__)

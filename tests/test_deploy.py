@@ -26,10 +26,10 @@ import pytest
 import torch
 from PIL import Image
 
+from raug.atomic import atomic_write_with
 from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
 from raug.deploy import export as export_mod
 from raug.deploy import predict as predict_mod
-from raug.deploy.atomic import atomic_write_with
 from raug.deploy.export import (
     DeployHead,
     ExportError,
@@ -43,7 +43,6 @@ from raug.deploy.images import (
     collect_images,
     load_rgb,
     pil_to_rgb,
-    prepared_size,
 )
 from raug.deploy.onnx_backend import OnnxPredictor, read_metadata, softmax
 from raug.deploy.predict import (
@@ -57,6 +56,7 @@ from raug.deploy.quantize import calibration_inputs, quantize_onnx
 from raug.deploy.spec import SpecError, file_sha256, spec_from_checkpoint, spec_from_metadata
 from raug.deploy.synthetic import demo_model, synthetic_batch, synthetic_images
 from raug.deploy.torch_backend import TorchPredictor, load_model
+from raug.image_size import shorter_side_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC"]
@@ -244,9 +244,12 @@ def test_load_rgb_refuses_bad_files_by_name(tmp_path):
 
 
 def test_prepare_size_shrinks_like_the_data_preparation(tmp_path):
-    isic_images = pytest.importorskip("raug.isic2019.images")
-    for w, h in [(800, 600), (600, 800), (300, 200), (1001, 333)]:
-        assert prepared_size(w, h, 320) == isic_images.target_size(w, h, 320)
+    # one rule for preparation and prediction (raug/image_size.py): shorter side 320, never enlarged
+    expected_sizes = {(800, 600): (427, 320), (600, 800): (320, 427), (300, 200): (300, 200),
+                      (1001, 333): (962, 320)}
+    for (w, h), size in expected_sizes.items():
+        assert shorter_side_size(w, h, 320) == size
+        assert shorter_side_size(w, h, None) == (w, h)
     big = Image.fromarray(synthetic_images(1, 400, seed=13)[0]).resize((800, 600))
     path = _save(tmp_path / "big.jpg", big)
     with Image.open(path) as im:  # the preparation's own steps (raug/isic2019/images.py)

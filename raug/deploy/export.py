@@ -34,8 +34,8 @@ import onnx
 import torch
 from torch import nn
 
+from raug.atomic import atomic_write_with
 from raug.checkpoint import CheckpointError
-from raug.deploy.atomic import atomic_write_with
 from raug.deploy.images import DEFAULT_PREPARE_SIZE
 from raug.deploy.onnx_backend import make_session
 from raug.deploy.predict import AUTO_PREPARE_SIZE, parse_prepare_size

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from raug.deploy.atomic import atomic_write_bytes
+from raug.atomic import atomic_write_bytes
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:

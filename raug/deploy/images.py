@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from raug.image_size import shorter_side_size
+
 #: PIL's own default limit (about 9459 x 9459 px): far above the largest ISIC 2019 image
 #: (a few thousand px a side), far below what a crafted header can claim.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -94,28 +96,6 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def prepared_size(width: int, height: int, size: int | None) -> tuple[int, int]:
-    """Size after the data preparation step: shorter side ``size``, aspect kept, never larger.
-
-    The same rule as ``raug.isic2019.images.target_size`` (duplicated so that this module
-    stays free of the data-preparation dependencies).
-
-    Args:
-        width: source width.
-        height: source height.
-        size: target shorter side, or ``None`` to keep the source size.
-
-    Returns:
-        ``(width, height)``.
-    """
-    short = min(width, height)
-    if size is None or short <= size:
-        return width, height
-    if width <= height:
-        return size, max(1, round(height * size / short))
-    return max(1, round(width * size / short)), size
-
-
 @contextmanager
 def _strict_decoding() -> Iterator[None]:
     """Truncated files must fail even if some other code enabled ``LOAD_TRUNCATED_IMAGES``."""
@@ -161,7 +141,7 @@ def load_rgb(
                     f"image of {width}x{height} = {width * height} pixels exceeds the "
                     f"limit of {max_pixels} pixels (possible decompression bomb)",
                 )
-            target = prepared_size(width, height, prepare_size)
+            target = shorter_side_size(width, height, prepare_size)
             if target != (width, height):
                 img.draft("RGB", target)  # JPEG: decode at a reduced DCT scale, as preparation does
             img.load()

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from raug.deploy.atomic import atomic_write_text
+from raug.atomic import atomic_write_text
 from raug.deploy.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_PREPARE_SIZE,

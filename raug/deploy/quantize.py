@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from raug.deploy.atomic import atomic_write_with
+from raug.atomic import atomic_write_with
 from raug.deploy.images import (
     DEFAULT_MAX_PIXELS,
     ImageLoadError,

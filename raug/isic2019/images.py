@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile
 
+from raug.image_size import shorter_side_size
+
 JPEG_QUALITY = 95
 # Identifies how resized outputs are produced; part of the reuse check, so a
 # change of these settings invalidates the cache.
@@ -29,25 +31,6 @@ class ImageTask:
     image: str
     src: str
     size: int | None
-
-
-def target_size(width: int, height: int, size: int | None) -> tuple[int, int]:
-    """Output size: shorter side ``size``, aspect kept; never larger than the input.
-
-    Args:
-        width: source width.
-        height: source height.
-        size: requested shorter side, or ``None`` to keep the source size.
-
-    Returns:
-        ``(width, height)`` of the output.
-    """
-    short = min(width, height)
-    if size is None or short <= size:
-        return width, height
-    if width <= height:
-        return size, max(1, round(height * size / short))
-    return max(1, round(width * size / short)), size
 
 
 @contextmanager
@@ -75,7 +58,7 @@ def inspect_image(task: ImageTask) -> tuple[str, int, int, str | None]:
             if im.format != "JPEG":
                 return task.image, 0, 0, f"is a {im.format} file, expected a JPEG"
             width, height = im.size
-            out = target_size(width, height, task.size)
+            out = shorter_side_size(width, height, task.size)
             if out != (width, height):
                 # Every DCT block is still entropy-decoded, so truncation is still detected.
                 im.draft("RGB", out)
@@ -94,7 +77,7 @@ def encode_image(task: ImageTask) -> tuple[str, bytes | None, int, int]:
     """
     with _strict_decoding(), Image.open(task.src) as im:
         width, height = im.size
-        out = target_size(width, height, task.size)
+        out = shorter_side_size(width, height, task.size)
         if out == (width, height):
             return task.image, None, width, height
         im.draft("RGB", out)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from raug.isic2019.fileio import atomic_write_bytes, sha256_bytes, write_if_changed
+from raug.atomic import atomic_write_bytes
+from raug.isic2019.fileio import sha256_bytes, write_if_changed
 from raug.isic2019.images import ENCODER, ImageTask, encode_image, inspect_image
 from raug.isic2019.parallel import default_workers, ordered_map
 from raug.isic2019.schema import (
