@@ -13,8 +13,8 @@ benchmark measures against:
   (:func:`seed_channel_relation`), RKD and the KL term follow the seed's ``D_KD``;
 * tensors stay in the default (NCHW, contiguous) layout.
 
-The device comes from an argument (the seed's ``.cuda()`` calls are the one habit not
-reproduced: the project never hard-codes a device).
+The device comes from an argument: the seed's hard-coded GPU placement is the one habit
+not reproduced, because the project never hard-codes a device.
 """
 
 from __future__ import annotations
