@@ -48,6 +48,24 @@ class TinyNet(nn.Module):
         return self.forward_kd(x)["logits"]
 
 
+def sgd_losses(task, batch: dict, steps: int, lr: float) -> list[float]:
+    """Train ``task`` on one fixed ``batch`` for ``steps`` SGD steps (momentum 0.9).
+
+    Returns:
+        The loss of every step, taken before that step's update.
+    """
+    task.train()
+    opt = torch.optim.SGD(task.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        out = task.train_step(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    return losses
+
+
 class BlobDataset(Dataset):
     """Images whose mean colour encodes the class, plus seeded per-sample noise.
 

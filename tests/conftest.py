@@ -1,6 +1,7 @@
-"""Shared data fixtures: a synthetic raw ISIC 2019 folder and its prepared version.
+"""Shared fixtures: a synthetic raw ISIC 2019 folder and its prepared version, and a
+one-thread torch setting for the files that run full-size networks.
 
-Both are session-scoped and shared by every test: treat them as read-only
+The data fixtures are session-scoped and shared by every test: treat them as read-only
 (copy with ``shutil.copytree`` before changing anything).
 """
 
@@ -8,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from raug.isic2019 import prepare, synthesize
 
@@ -32,3 +34,16 @@ def prepared_isic(synthetic_raw, tmp_path_factory) -> Path:
     shutil.copytree(synthetic_raw, base)
     prepare(base, size=PREPARED_SIZE, workers=1, progress=False)
     return base
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a test module (``pytest.mark.usefixtures``).
+
+    Other jobs often share the 2 CPU cores; two intra-op threads then spin against them and
+    a ResNet-50 forward gets ~10x slower. One thread keeps these files fast and stable.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

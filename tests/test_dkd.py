@@ -21,6 +21,7 @@ from raug.methods.teacher import (
     load_teacher,
     teacher_file_problems,
 )
+from raug.testing import sgd_losses
 
 SIZE = 32  # 1x1 feature maps: the smallest input the networks take
 N = 4
@@ -35,13 +36,7 @@ PARTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Other jobs share the 2 CPU cores; one intra-op thread avoids oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +137,7 @@ def test_total_is_the_weighted_sum_of_parts_recomputed_by_hand(nets, batch, meth
 
 def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(nets, batch):
     torch.manual_seed(0)
-    task = make_task(nets, "d_kd")
-    task.train()
-    opt = torch.optim.SGD(task.parameters(), lr=0.003, momentum=0.9)
-    losses = []
-    for _ in range(6):
-        out = task.train_step(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
+    losses = sgd_losses(make_task(nets, "d_kd"), batch, steps=6, lr=0.003)
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < 0.9 * losses[0], losses
 

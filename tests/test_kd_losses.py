@@ -13,13 +13,7 @@ GOLDEN = Path(__file__).parent / "data" / "kd_reference.npz"
 RTOL = 1e-9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Other jobs share the 2 CPU cores; one intra-op thread avoids oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,7 @@ SEED_DKD = ['_kd_method="d_kd"', "_lambd_drkd=1", "_lambd_crkd=1000"]
 SEED_SSD = ['_kd_method="ssd_kd"', "_lambd_drkd=1", "_lambd_crkd=1000"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Other jobs share the 2 CPU cores; one intra-op thread avoids oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_script(name, *args):

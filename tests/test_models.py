@@ -16,14 +16,7 @@ LAYOUT = Path(__file__).parent / "data" / "original_checkpoint_layout.json"
 NUM_FEATURES = {"resnet-50": 2048, "mobilenet": 1280}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Other jobs share the 2 CPU cores; two intra-op threads then spin against them and
-    # a ResNet-50 forward gets ~10x slower. One thread keeps this file fast and stable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from raug.methods.teacher_head import (
     prepare_teacher_head,
     rotation_accuracy,
 )
-from raug.testing import BlobDataset, TinyNet
+from raug.testing import BlobDataset, TinyNet, sgd_losses
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +38,7 @@ SSD_PARTS = {"loss", "logits", "ce", "kd", "tf", "ss", "hr", "n_tf", "n_ss",
              "rkd_distance", "rkd_angle", "channel_relation"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Other jobs share the 2 CPU cores; one intra-op thread avoids oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Recorder(nn.Module):
@@ -178,16 +172,7 @@ def test_ssd_eval_step_uses_normal_views_and_weighted_ce(tiny, batch):
 
 
 def test_a_few_ssd_steps_on_a_fixed_batch_reduce_the_loss(tiny, batch):
-    task = ssd_task(tiny)
-    task.train()
-    opt = torch.optim.SGD(task.parameters(), lr=0.01, momentum=0.9)
-    losses = []
-    for _ in range(8):
-        out = task.train_step(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
+    losses = sgd_losses(ssd_task(tiny), batch, steps=8, lr=0.01)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
