@@ -484,6 +484,29 @@ def test_small_classes_and_unknown_metadata_warn_and_count_as_missing(tmp_path):
     assert row[["age_approx", "female", "male", "palms/soles"]].tolist() == [0, 0, 0, 0]
 
 
+def test_extra_ground_truth_columns_warn_naming_them(tmp_path):
+    root = write_official(tmp_path / "plain", per_class=6)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        prep(root, size=32)
+    assert not [w for w in record if "ignored" in str(w.message)]  # the official header is quiet
+    root = write_official(tmp_path / "extra", per_class=6)
+    lines = (root / LABELS_CSV).read_text().splitlines()
+    lines = [lines[0] + ",EXTRA,notes"] + [
+        line + (",1.0,checked" if line.startswith("ISIC_0000004,") else ",0.0,") for line in lines[1:]]
+    (root / LABELS_CSV).write_text("\n".join(lines) + "\n")
+    with pytest.warns(DataWarning) as record:
+        prep(root, size=32)
+    extra = [str(w.message) for w in record if "EXTRA" in str(w.message)]
+    assert len(extra) == 1
+    assert re.search(r"ISIC_2019_Training_GroundTruth\.csv: column\(s\) 'EXTRA', 'notes' are not "
+                     r"ISIC 2019 classes and are ignored; 1 image\(s\) have values there: "
+                     r"'ISIC_0000004'", extra[0])
+    assert "UNK" not in extra[0]
+    # Ignored means ignored: the prepared split is the one without the extra columns.
+    assert split_hash(root) == split_hash(tmp_path / "plain")
+
+
 def test_split_hash_needs_the_prepared_csvs(tmp_path):
     with pytest.raises(DataError, match="missing prepared CSV"):
         split_hash(tmp_path)

@@ -17,6 +17,7 @@ from raug.isic2019.schema import (
     CLASS_INDEX,
     GT_CLASSES,
     LABELS_CSV,
+    LABELS_HEADER,
     METADATA_CSV,
     MISSING,
     SEX_VALUES,
@@ -76,6 +77,24 @@ def check_ids(ids: pd.Series, path: Path) -> None:
     dup = ids[ids.duplicated()].unique()
     if len(dup):
         raise DataError(f"{path}: duplicate image id(s) {listing(dup)}")
+
+
+def warn_extra_columns(df: pd.DataFrame, known: tuple[str, ...], path: Path) -> None:
+    """Warn (``DataWarning``) about columns of ``df`` outside ``known``, which are ignored.
+
+    An extra ground-truth column may be a class this toolkit does not know (or a label
+    column misspelt): its values would otherwise vanish without a word. The warning names
+    the columns and the images that hold a value (non-empty, non-zero) in them.
+    """
+    extra = [c for c in df.columns if c not in known]
+    if not extra:
+        return
+    cells = df[extra].apply(lambda c: c.str.strip())
+    filled = ((cells != "") & (cells.apply(pd.to_numeric, errors="coerce") != 0)).any(axis=1)
+    used = (f"{int(filled.sum())} image(s) have values there: {listing(df.loc[filled, 'image'])}"
+            if filled.any() else "they hold no values")
+    warnings.warn(f"{path}: column(s) {listing(extra)} are not ISIC 2019 classes and are "
+                  f"ignored; {used}", DataWarning, stacklevel=3)
 
 
 def parse_labels(df: pd.DataFrame, path: Path) -> pd.Series:
@@ -147,6 +166,7 @@ def load_table(root: Path) -> pd.DataFrame:
         raise DataError(f"missing file: {labels_path} (and {METADATA_CSV}); put the official "
                         f"ISIC 2019 files in {root} or run data/ISIC2019/synthesize.py --root {root}")
     labels = read_csv(labels_path, ("image", *GT_CLASSES))
+    warn_extra_columns(labels, LABELS_HEADER, labels_path)
     meta = read_csv(meta_path, ("image", "age_approx", "anatom_site_general", "lesion_id", "sex"))
     if labels.empty:
         raise DataError(f"{labels_path}: no images listed (empty dataset)")
