@@ -5,7 +5,9 @@ import importlib
 import json
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -314,6 +316,45 @@ def test_a_crash_mid_way_leaves_no_partial_file_and_a_rerun_resumes(tmp_path, mo
     res = prep(root, size=32)
     assert (res.written, res.reused) == (71, 9)
     assert load_prep_info(root)["num_train"] == 72
+
+
+def killed_mid_write(path: Path) -> Path:
+    """``kill -9`` a process inside ``raug.atomic``'s write of ``path``; returns the temp it left."""
+    code = ("import os, signal, sys\nfrom raug.atomic import atomic_write_with\n"
+            "atomic_write_with(sys.argv[1], lambda tmp: os.kill(os.getpid(), signal.SIGKILL))")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    left = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+    assert len(left) == 1
+    assert left[0].stat().st_size == 0
+    return left[0]
+
+
+def test_a_rerun_removes_temporaries_left_by_kill_9_and_nothing_else(tmp_path):
+    root = synthesize(tmp_path / "ds", num_images=80, image_size=40, seed=3, progress=False)
+    prep(root, size=32)
+    train, test = read_prepared(root)
+    stale = [killed_mid_write(root / "train" / "imgs" / f"{train['image'][0]}.jpg"),
+             killed_mid_write(root / "test" / "imgs" / f"{test['image'][0]}.jpg"),
+             killed_mid_write(root / "train" / "imgs" / "ISIC_9999999.jpg"),  # no longer listed
+             killed_mid_write(root / TRAIN_CSV), killed_mid_write(root / TEST_CSV),
+             killed_mid_write(root / "prep_info.json"),
+             killed_mid_write(root / ".prep_manifest.json")]
+    # Not the preparation's: the sources, other names, other folders, other temp patterns.
+    kept = [killed_mid_write(root / IMAGES_DIR / f"{train['image'][1]}.jpg"),
+            killed_mid_write(root / LABELS_CSV), killed_mid_write(root / "notes.txt"),
+            killed_mid_write(root / "train" / "imgs" / "sub" / "x.jpg"),
+            killed_mid_write(root / "train" / "imgs" / "readme.txt")]
+    for name in ("notes.tmp", ".keep.tmp", ".x.jpg.tmp", ".x.jpg.ABCDEFGH.tmp"):
+        (root / "train" / "imgs" / name).write_bytes(b"mine")
+        kept.append(root / "train" / "imgs" / name)
+    state = tree_state(root)
+    res = prep(root, size=32)
+    assert not any(path.exists() for path in stale)
+    assert (res.written, res.cleaned) == (0, len(stale))
+    assert all(path.exists() for path in kept)
+    assert tree_state(root) == {k: v for k, v in state.items()
+                                if root / k not in stale}  # nothing else touched
 
 
 def test_workers_do_not_change_the_result(tmp_path):

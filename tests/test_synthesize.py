@@ -2,9 +2,11 @@
 
 import hashlib
 import io
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +167,26 @@ def test_rerun_with_fewer_images_removes_stale_ones(tmp_path):
     on_disk = sorted(p.stem for p in (tmp_path / IMAGES_DIR).iterdir())
     assert len(on_disk) == 12
     assert on_disk == sorted(labels["image"])
+
+
+def test_rerun_removes_temporaries_of_a_killed_run(tmp_path):
+    synthesize(tmp_path, num_images=12, image_size=32, seed=1, progress=False)
+    labels, _ = read_raw(tmp_path)
+
+    def temp(folder: Path, name: str) -> Path:  # named as raug.atomic names them
+        fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        return Path(path)
+
+    stale = [temp(tmp_path / IMAGES_DIR, f"{labels['image'][0]}.jpg"),
+             temp(tmp_path / IMAGES_DIR, "ISIC_7777777.jpg"), temp(tmp_path, LABELS_CSV),
+             temp(tmp_path, "ISIC_2019_Training_synthetic.json")]
+    kept = [temp(tmp_path, "notes.txt"), temp(tmp_path / IMAGES_DIR, "notes.txt")]
+    before = tree_hashes(tmp_path)
+    synthesize(tmp_path, num_images=12, image_size=32, seed=1, progress=False)
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept)
+    assert tree_hashes(tmp_path) == {k: v for k, v in before.items() if tmp_path / k not in stale}
 
 
 def test_cli_writes_the_dataset_and_rejects_bad_arguments(tmp_path):

@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from raug.atomic import atomic_write_bytes
-from raug.isic2019.fileio import sha256_bytes, write_if_changed
+from raug.isic2019.fileio import remove_stale_temps, sha256_bytes, write_if_changed
 from raug.isic2019.images import ENCODER, ImageTask, encode_image, inspect_image
 from raug.isic2019.parallel import default_workers, ordered_map
 from raug.isic2019.schema import (
@@ -82,6 +82,7 @@ class PrepResult:
     written: int
     reused: int
     removed: int
+    cleaned: int = 0  # temporaries of killed earlier runs, deleted
 
 
 def prepare(
@@ -128,6 +129,9 @@ def prepare(
             if not _reusable(entries.get(outputs[img]), stats[img], size, root / outputs[img])]
     tasks = [ImageTask(img, str(sources[img]), size) for img in todo]
     _check_images(tasks, workers, progress)
+    # After validation (bad input writes nothing), before the no-op test (a kill -9 can leave
+    # a temporary behind even when every output was complete).
+    cleaned = _remove_stale_temps(root)
 
     info = _info(root, train, test, size, group_by_lesion, sha256_bytes(train_csv, test_csv))
     info_bytes = (json.dumps(info, indent=2) + "\n").encode()
@@ -136,7 +140,7 @@ def prepare(
     csvs = {root / TRAIN_DIR / TRAIN_CSV: train_csv, root / TEST_DIR / TEST_CSV: test_csv}
     if not todo and not stale and all(_same(p, b) for p, b in [*csvs.items(),
                                                               (root / PREP_INFO, info_bytes)]):
-        return PrepResult(root, info, written=0, reused=len(table), removed=0)
+        return PrepResult(root, info, written=0, reused=len(table), removed=0, cleaned=cleaned)
 
     # From here on the folder is "being prepared" until prep_info.json is back.
     (root / PREP_INFO).unlink(missing_ok=True)
@@ -150,7 +154,7 @@ def prepare(
     _save_manifest(root, entries)
     atomic_write_bytes(root / PREP_INFO, info_bytes)
     return PrepResult(root, info, written=len(todo), reused=len(table) - len(todo),
-                      removed=len(stale))
+                      removed=len(stale), cleaned=cleaned)
 
 
 def split_table(table: pd.DataFrame, group_by_lesion: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -259,6 +263,21 @@ def _reusable(entry: dict | None, src_stat, size: int | None, dst: Path) -> bool
             and entry.get("out_bytes") == dst.stat().st_size)
 
 
+def _remove_stale_temps(root: Path) -> int:
+    """Delete temporaries of this preparation's own files left by a killed run.
+
+    Only the folders the preparation writes, and only temporaries of the names it writes
+    there; the sources (``ISIC_2019_Training_Input/``, the official CSVs) are never touched.
+    """
+    own = {root: {PREP_INFO, PREP_MANIFEST}, root / TRAIN_DIR: {TRAIN_CSV},
+           root / TEST_DIR: {TEST_CSV}}
+    cleaned = sum(remove_stale_temps(folder, names.__contains__) for folder, names in own.items())
+    for split in (TRAIN_DIR, TEST_DIR):
+        cleaned += remove_stale_temps(root / split / PREPARED_IMAGES_DIR,
+                                      lambda name: name.endswith(IMAGE_EXT))
+    return cleaned
+
+
 def _is_output_path(rel: str) -> bool:
     """Only ever delete files inside ``train/imgs`` or ``test/imgs``."""
     parts = rel.split("/")
@@ -365,6 +384,8 @@ def main(argv: list[str] | None = None, default_root: str | Path | None = None) 
     print(f"prepared {info['num_train']} train + {info['num_test']} test images in "
           f"{res.base_path} (size {info['size'] or 'original'}; {res.written} written, "
           f"{res.reused} reused, {res.removed} stale removed); split_hash {info['split_hash']}")
+    if res.cleaned:
+        print(f"removed {res.cleaned} temporary file(s) left by an interrupted earlier run")
     return 0
 
 

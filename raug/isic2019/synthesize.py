@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raug.isic2019.fileio import write_if_changed
+from raug.isic2019.fileio import remove_stale_temps, write_if_changed
 from raug.isic2019.parallel import default_workers, ordered_map
 from raug.isic2019.render import render_image
 from raug.isic2019.schema import (
@@ -242,6 +242,9 @@ def synthesize(
     root = Path(root)
     marker = root / MARKER
     previous = _previous_ids(root, marker)
+    # The folder is ours (checked above): drop temporaries a killed earlier run left behind.
+    remove_stale_temps(root, {MARKER, LABELS_CSV, METADATA_CSV}.__contains__)
+    remove_stale_temps(root / IMAGES_DIR, lambda name: name.endswith(IMAGE_EXT))
     rows = make_plan(num_images, image_size, seed, min_per_class)
     info = {"generator": "raug.isic2019.synthesize", "version": 1, "num_images": num_images,
             "image_size": image_size, "seed": seed,
