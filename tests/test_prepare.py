@@ -548,6 +548,58 @@ def test_extra_ground_truth_columns_warn_naming_them(tmp_path):
     assert split_hash(root) == split_hash(tmp_path / "plain")
 
 
+PUBLISHED_COUNTS = {"MEL": 4522, "NV": 12875, "BCC": 3323, "AK": 867, "BKL": 2624, "DF": 239,
+                    "VASC": 253, "SCC": 628}
+
+
+def test_class_counts_are_compared_with_the_published_training_set():
+    prep_module = importlib.import_module("raug.isic2019.prepare")
+    assert sum(PUBLISHED_COUNTS.values()) == 25331
+    assert prep_module.compare_official_counts(PUBLISHED_COUNTS) == {
+        "compared": True, "official_counts": True, "differences": {}}
+    swapped = {**PUBLISHED_COUNTS, "MEL": 4521, "NV": 12876}
+    assert prep_module.compare_official_counts(swapped) == {
+        "compared": True, "official_counts": False,
+        "differences": {"MEL": {"found": 4521, "official": 4522},
+                        "NV": {"found": 12876, "official": 12875}}}
+    assert prep_module.compare_official_counts({"NV": 180, "MEL": 20}) == {
+        "compared": False, "official_counts": False,
+        "differences": {"images": {"found": 200, "official": 25331}}}
+
+
+def test_official_counts_are_printed_and_recorded_and_a_mismatch_only_warns(
+        tmp_path, monkeypatch, capsys):
+    prep_module = importlib.import_module("raug.isic2019.prepare")
+    root = write_official(tmp_path, per_class=6)
+    # Stand-in for the 25,331 official images: the hand set's own counts play "published".
+    counts = {"MEL": 8, "NV": 8, "BCC": 7, "AK": 7, "BKL": 7, "DF": 7, "VASC": 7, "SCC": 7}
+    monkeypatch.setattr(prep_module, "REAL_CLASS_COUNTS", counts)
+    cli = ["--root", str(root), "--size", "32", "--workers", "1", "--no-progress"]
+    assert prep_module.main(cli) == 0
+    out, err = capsys.readouterr()
+    assert "class counts match the official ISIC 2019 training set (58 images)" in out
+    assert "official" not in err
+    info = load_prep_info(root)
+    assert (info["official_counts"], info["official_counts_differences"]) == (True, {})
+
+    edit_csv(root / LABELS_CSV, "ISIC_0000004,0.0,0.0,1.0,0.0", "ISIC_0000004,0.0,0.0,0.0,1.0")
+    assert prep_module.main(cli) == 0  # a mismatch warns, it does not refuse
+    out, err = capsys.readouterr()
+    assert "class counts match" not in out
+    assert ("warning: 58 images as in the official ISIC 2019 training set, but the class counts "
+            "differ: BCC 6 (official 7), AK 8 (official 7); is this the official set?") in err
+    info = load_prep_info(root)
+    assert info["official_counts"] is False
+    assert info["official_counts_differences"] == {"BCC": {"found": 6, "official": 7},
+                                                   "AK": {"found": 8, "official": 7}}
+
+
+def test_a_set_of_another_size_is_not_official(prepared_isic):
+    info = load_prep_info(prepared_isic)
+    assert info["official_counts"] is False
+    assert info["official_counts_differences"] == {"images": {"found": 200, "official": 25331}}
+
+
 def test_split_hash_needs_the_prepared_csvs(tmp_path):
     with pytest.raises(DataError, match="missing prepared CSV"):
         split_hash(tmp_path)

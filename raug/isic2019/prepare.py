@@ -45,6 +45,7 @@ from raug.isic2019.schema import (
     PREP_INFO,
     PREP_MANIFEST,
     PREPARED_IMAGES_DIR,
+    REAL_CLASS_COUNTS,
     SPLIT_SEED,
     TEST_COLUMNS,
     TEST_CSV,
@@ -116,6 +117,13 @@ def prepare(
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
     table = load_table(root)
+    official = compare_official_counts(table["diagnostic"].value_counts().to_dict())
+    if official["compared"] and not official["official_counts"]:
+        diffs = ", ".join(f"{c} {d['found']:,} (official {d['official']:,})"
+                          for c, d in official["differences"].items())
+        warnings.warn(f"{len(table):,} images as in the official ISIC 2019 training set, but the "
+                      f"class counts differ: {diffs}; is this the official set?", DataWarning,
+                      stacklevel=2)
     sources = _source_paths(root, table["image"])
     train, test = split_table(table, group_by_lesion)
     train_csv = train[list(TRAIN_COLUMNS)].to_csv(index=False, lineterminator="\n").encode()
@@ -134,6 +142,8 @@ def prepare(
     cleaned = _remove_stale_temps(root)
 
     info = _info(root, train, test, size, group_by_lesion, sha256_bytes(train_csv, test_csv))
+    info["official_counts"] = official["official_counts"]
+    info["official_counts_differences"] = official["differences"]
     info_bytes = (json.dumps(info, indent=2) + "\n").encode()
     wanted = set(outputs.values())
     stale = [rel for rel in entries if rel not in wanted]
@@ -174,6 +184,29 @@ def split_table(table: pd.DataFrame, group_by_lesion: bool) -> tuple[pd.DataFram
     train["folder"] = assign_folds(train["diagnostic"].to_numpy(),
                                    train["group"].to_numpy() if group_by_lesion else None)
     return train, test
+
+
+def compare_official_counts(counts: dict[str, int]) -> dict:
+    """Compare per-class image counts with the published ISIC 2019 training distribution.
+
+    Classes are compared one by one only when the total is the official 25,331 images:
+    another total already says it is not the official training set.
+
+    Args:
+        counts: images per class code (all images, train and test parts together).
+
+    Returns:
+        ``{"compared": bool, "official_counts": bool, "differences": {...}}``; differences
+        are ``{class: {"found": n, "official": m}}`` for the classes that differ, or
+        ``{"images": {"found": n, "official": 25331}}`` when the total differs.
+    """
+    total, official_total = sum(counts.values()), sum(REAL_CLASS_COUNTS.values())
+    if total != official_total:
+        return {"compared": False, "official_counts": False,
+                "differences": {"images": {"found": total, "official": official_total}}}
+    differences = {c: {"found": int(counts.get(c, 0)), "official": n}
+                   for c, n in REAL_CLASS_COUNTS.items() if counts.get(c, 0) != n}
+    return {"compared": True, "official_counts": not differences, "differences": differences}
 
 
 def split_hash(base_path: str | Path) -> str:
@@ -384,6 +417,9 @@ def main(argv: list[str] | None = None, default_root: str | Path | None = None) 
     print(f"prepared {info['num_train']} train + {info['num_test']} test images in "
           f"{res.base_path} (size {info['size'] or 'original'}; {res.written} written, "
           f"{res.reused} reused, {res.removed} stale removed); split_hash {info['split_hash']}")
+    if info["official_counts"]:
+        print("class counts match the official ISIC 2019 training set "
+              f"({info['num_train'] + info['num_test']:,} images)")
     if res.cleaned:
         print(f"removed {res.cleaned} temporary file(s) left by an interrupted earlier run")
     return 0
