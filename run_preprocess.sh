@@ -3,7 +3,8 @@
 # data/ISIC2019 of this repository) -> train/ and test/ with the parsed CSVs and
 # resized images. Works from any directory; relative --root paths are relative
 # to the current directory. Options: --root DIR, --size PX|none (default 320),
-# --workers N, --group-by-lesion, --no-progress (details: --help, docs/data.md).
+# --workers N, --group-by-lesion, --no-progress, --download [--base-url URL]
+# (first fetch the official files into --root; details: --help, docs/data.md).
 #
 # Interpreter: $PYTHON if set, else the repository's .venv/bin/python (created by
 # tools/env.sh), else python3; it must have the project installed.

@@ -32,6 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 from raug.atomic import atomic_write_bytes
+from raug.isic2019.download import DEFAULT_BASE_URL
+from raug.isic2019.download import run as run_download
 from raug.isic2019.fileio import remove_stale_temps, sha256_bytes, write_if_changed
 from raug.isic2019.images import ENCODER, ImageTask, encode_image, inspect_image
 from raug.isic2019.parallel import default_workers, ordered_map
@@ -394,6 +396,11 @@ def build_parser(default_root: str | Path | None = None) -> argparse.ArgumentPar
     p.add_argument("--group-by-lesion", action="store_true",
                    help="keep images of one lesion_id in one split and one fold")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--download", action="store_true",
+                   help="first download the official files into --root (resumable; skips what "
+                        "is already there), see data/ISIC2019/download.py")
+    p.add_argument("--base-url", default=None,
+                   help=f"with --download: folder URL of the files (default {DEFAULT_BASE_URL})")
     return p
 
 
@@ -403,7 +410,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None, default_root: str | Path | None = None) -> int:
     """Run the CLI; returns the exit status (2 on bad input, after ``error: ...`` on stderr)."""
-    args = build_parser(default_root).parse_args(argv)
+    parser = build_parser(default_root)
+    args = parser.parse_args(argv)
+    if args.base_url is not None and not args.download:
+        parser.error("--base-url only applies with --download")
+    if args.download:
+        code = run_download(args.root, args.base_url or DEFAULT_BASE_URL,
+                            progress=not args.no_progress)
+        if code:
+            return code
     with warnings.catch_warnings():
         warnings.simplefilter("always", DataWarning)
         warnings.showwarning = _show_warning
