@@ -4,6 +4,8 @@
 * networks (:class:`KDNet`): ``model(x)`` -> logits, ``forward_features``,
   ``forward_head``, ``forward_kd`` -> ``{"feats_7x7", "avg_pool", "logits"}``
 * :func:`load_weights` (project, seed, bare and torchvision state dicts)
+* :func:`ensure_imagenet_weights`: torchvision's ImageNet weights in the hub cache,
+  downloaded when missing
 * :class:`ConvReg`, :func:`build_adapter`, :class:`ProjectionHead`
 """
 
@@ -17,8 +19,10 @@ from .weights import (
     PretrainedWeightsNotFound,
     WeightsError,
     detect_layout,
+    ensure_imagenet_weights,
     from_torchvision_layout,
     imagenet_weights_path,
+    imagenet_weights_url,
     load_weights,
     to_torchvision_layout,
 )
@@ -38,8 +42,10 @@ __all__ = [
     "canonical_name",
     "create_model",
     "detect_layout",
+    "ensure_imagenet_weights",
     "from_torchvision_layout",
     "imagenet_weights_path",
+    "imagenet_weights_url",
     "list_models",
     "load_weights",
     "to_torchvision_layout",

@@ -22,8 +22,9 @@ def create_model(
     Args:
         name: model name or alias.
         num_classes: K.
-        pretrained: start from torchvision's ImageNet (IMAGENET1K_V1) backbone, read only
-            from the local torch hub cache; fails at once when absent (no download).
+        pretrained: start from torchvision's ImageNet (IMAGENET1K_V1) backbone, read from
+            the torch hub cache; downloaded into it first when missing
+            (:func:`models.weights.ensure_imagenet_weights`).
         weights: a local weights file (or loaded dict) instead: project checkpoint, seed
             checkpoint, bare or torchvision state dict. Takes precedence over
             ``pretrained``. A torchvision state dict with another class count (ImageNet)
@@ -34,7 +35,8 @@ def create_model(
 
     Raises:
         ValueError: unknown name (valid names listed) or bad ``num_classes``.
-        models.weights.PretrainedWeightsNotFound: ``pretrained=True`` without cached file.
+        models.weights.PretrainedWeightsNotFound: ``pretrained=True``, the file is not
+            cached and cannot be downloaded.
         models.weights.WeightsError: weights that do not fit.
     """
     model = ARCHITECTURES[canonical_name(name)](num_classes)

@@ -10,14 +10,22 @@ Every file goes through :func:`raug.checkpoint.load_checkpoint`, i.e.
 (d) a torchvision-layout state dict (``conv1.*``, ``layer1.*``, ``fc.*`` for ResNet-50;
     ``features.<i>.*``, ``classifier.1.*`` for MobileNet-V2), mapped by key prefix.
 
-A ``module.`` prefix (DataParallel) is stripped. ImageNet weights for
-``pretrained=True`` come only from the local torch hub cache; nothing is downloaded.
+A ``module.`` prefix (DataParallel) is stripped.
+
+ImageNet weights for ``pretrained=True`` are read from the torch hub cache
+(``<torch.hub.get_dir()>/checkpoints/``, i.e. ``$TORCH_HOME/hub/checkpoints/``); a
+file missing there is downloaded once through torchvision's weights API
+(:func:`ensure_imagenet_weights`: hash-checked, moved into place only when complete).
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
-from collections.abc import Mapping
+import socket
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -50,19 +58,151 @@ _TV_TO_PROJECT = {
 }
 _SHOW = 5  # keys shown in error messages
 
+# Socket timeout of a download, per operation (connect, each read), not for the whole
+# transfer: a slow but progressing download of ResNet-50's 98 MB goes on, a host that
+# does not answer fails after this many seconds instead of hanging (urllib has none).
+DOWNLOAD_TIMEOUT_S = 20.0
+# How long torchrun's other local ranks wait for local rank 0's download. A failed
+# download stops rank 0, and torchrun then stops the others well before this.
+RANK_WAIT_S = 1800.0
+_POLL_S = 0.5
+# What a failed download raises: no network or host (URLError and socket errors are
+# OSError, like a full disk), a broken transfer (http.client), a wrong hash (RuntimeError
+# from torch.hub), a malformed URL (ValueError).
+_DOWNLOAD_ERRORS = (OSError, http.client.HTTPException, RuntimeError, ValueError)
+
 
 class WeightsError(ValueError):
     """Weights that do not fit the model (architecture, class count, keys or shapes)."""
 
 
 class PretrainedWeightsNotFound(FileNotFoundError):
-    """ImageNet weights requested but absent from the local torch hub cache."""
+    """ImageNet weights requested, absent from the torch hub cache and not downloadable."""
+
+
+def imagenet_weights_url(name: str) -> str:
+    """Where torchvision downloads the ImageNet weights of ``name`` from."""
+    return IMAGENET_WEIGHTS[canonical_name(name)].url
 
 
 def imagenet_weights_path(name: str) -> Path:
     """Where torchvision keeps the ImageNet weights of ``name``: ``<hub>/checkpoints/<file>``."""
-    filename = IMAGENET_WEIGHTS[canonical_name(name)].url.rsplit("/", 1)[-1]
+    filename = imagenet_weights_url(name).rsplit("/", 1)[-1]
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def unavailable_message(name: str, reason: str) -> str:
+    """The one-line error of missing ImageNet weights: URL, cache path, the two ways out."""
+    reason = " ".join(reason.split())  # exception texts may span lines
+    return (
+        f"ImageNet weights for {canonical_name(name)!r} are not in the torch hub cache and "
+        f"could not be fetched from {imagenet_weights_url(name)} ({reason}): copy that file "
+        f"to {imagenet_weights_path(name)}, or set _pretrained=False (pretrained=False in create_model)"
+    )
+
+
+def local_rank() -> int:
+    """This process's local rank under torchrun (``LOCAL_RANK``); 0 when started alone."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@contextlib.contextmanager
+def socket_timeout(seconds: float) -> Iterator[None]:
+    """Give new sockets a default timeout for the duration of the block.
+
+    ``torch.hub`` opens its URL without a timeout; the process default is the only knob.
+    """
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def wait_for_file(path: Path, timeout_s: float, poll_s: float = _POLL_S) -> bool:
+    """Poll until ``path`` is a file; ``False`` after ``timeout_s`` seconds without it.
+
+    Waiting for existence is enough: torch.hub moves a download into place only when
+    it is complete and hash-checked.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def download_imagenet_weights(
+    name: str, *, progress: bool = True, timeout_s: float = DOWNLOAD_TIMEOUT_S
+) -> Path:
+    """Download the ImageNet weights of ``name`` into the hub cache, as torchvision does.
+
+    ``WeightsEnum.get_state_dict`` (``torch.hub.load_state_dict_from_url``) writes to a
+    ``<file>.<uuid>.partial`` next to the target, checks the SHA-256 prefix that the file
+    name carries, moves it into place only then, and removes the partial file on any
+    failure: the cache never holds a file it would trust wrongly.
+
+    Args:
+        name: model name or alias.
+        progress: show torch.hub's progress bar (stderr).
+        timeout_s: socket timeout per operation.
+
+    Returns:
+        The cached file.
+
+    Raises:
+        PretrainedWeightsNotFound: the download failed (one-line message, see
+            :func:`unavailable_message`).
+    """
+    weights = IMAGENET_WEIGHTS[canonical_name(name)]
+    try:
+        with socket_timeout(timeout_s):
+            # weights_only: the downloaded file is read back by torch.hub; no pickled code.
+            weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
+    except _DOWNLOAD_ERRORS as exc:
+        raise PretrainedWeightsNotFound(
+            unavailable_message(name, f"{type(exc).__name__}: {exc}")
+        ) from exc
+    return imagenet_weights_path(name)
+
+
+def ensure_imagenet_weights(
+    name: str,
+    *,
+    progress: bool = True,
+    timeout_s: float = DOWNLOAD_TIMEOUT_S,
+    wait_s: float = RANK_WAIT_S,
+) -> Path:
+    """The cached ImageNet weights of ``name``, downloaded first when missing.
+
+    Under torchrun only local rank 0 downloads (one copy per machine); the other local
+    ranks wait up to ``wait_s`` seconds for the file to appear.
+
+    Args:
+        name: model name or alias.
+        progress: show the download's progress bar.
+        timeout_s: socket timeout per operation of the download.
+        wait_s: how long a local rank other than 0 waits for the file.
+
+    Returns:
+        ``imagenet_weights_path(name)``, an existing file.
+
+    Raises:
+        PretrainedWeightsNotFound: the download failed or the wait timed out.
+    """
+    path = imagenet_weights_path(name)
+    if path.is_file():
+        return path
+    rank = local_rank()
+    if rank == 0:
+        return download_imagenet_weights(name, progress=progress, timeout_s=timeout_s)
+    if wait_for_file(path, wait_s):
+        return path
+    raise PretrainedWeightsNotFound(
+        unavailable_message(name, f"local rank {rank} waited {wait_s:g} s for local rank 0")
+    )
 
 
 def detect_layout(keys) -> tuple[str | None, str | None]:
@@ -217,24 +357,15 @@ def load_weights(
 
 
 def load_imagenet_weights(model: nn.Module) -> nn.Module:
-    """Load torchvision's ImageNet backbone weights from the local hub cache (no download).
+    """Load torchvision's ImageNet backbone weights (downloaded first when not cached).
 
     The model keeps its own (fresh) ``num_classes`` classifier.
 
     Raises:
-        PretrainedWeightsNotFound: at once, when the file is not in the cache; the
-            message names the expected path and the alternatives.
+        PretrainedWeightsNotFound: not cached and not downloadable; the message names
+            the URL, the cache path and the alternatives.
     """
-    path = imagenet_weights_path(model.model_name)
-    if not path.is_file():
-        url = IMAGENET_WEIGHTS[model.model_name].url
-        raise PretrainedWeightsNotFound(
-            f"ImageNet weights for {model.model_name!r} are not in the local torch hub cache: "
-            f"expected {path} (nothing is downloaded). Either put the file there "
-            f"(from {url}), set _pretrained=False (pretrained=False), or pass "
-            f"weights=PATH with a local weights file (torchvision state dict, seed "
-            f"checkpoint or project checkpoint)."
-        )
+    path = ensure_imagenet_weights(model.model_name)
     obj = load_checkpoint(path)
     return _load(model, obj, f"ImageNet weights {path}", strict=True, skip_classifier=True)
 

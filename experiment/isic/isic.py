@@ -13,20 +13,16 @@ Config keys and the output layout: ``docs/engine.md``.
 
 import models
 from raug.experiment import RunContext, make_experiment, run_training
+from raug.pretrained import add_imagenet_weights_hook
 from raug.task import ClassificationTask
 
 
 def check_model(config):
-    """The model name is known and its ImageNet weights are available when asked for."""
+    """The model name is known (its ImageNet weights: the hook below, main command only)."""
     try:
-        name = models.canonical_name(config["_model_name"])
+        models.canonical_name(config["_model_name"])
     except ValueError as exc:
         return [f"_model_name={config['_model_name']!r} is invalid: {exc}"]
-    if config["_pretrained"] and not config["_resume"] and not models.imagenet_weights_path(name).is_file():
-        return [
-            f"_pretrained=True but the ImageNet weights of {name} are not in the local torch hub "
-            f"cache ({models.imagenet_weights_path(name)}); copy them there or set _pretrained=False"
-        ]
     return []
 
 
@@ -36,6 +32,8 @@ ex = make_experiment(
     save_name="isic_teacher",
     extra_checks=[check_model],
 )
+# _pretrained=True: download missing ImageNet weights before the run folder exists.
+add_imagenet_weights_hook(ex, "_model_name")
 
 
 def teacher_task(ctx: RunContext) -> ClassificationTask:

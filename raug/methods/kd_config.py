@@ -23,6 +23,7 @@ from raug.config import RESULTS_DIR, ConfigError
 from raug.data import CLASS_NAMES
 from raug.experiment import make_experiment
 from raug.methods.teacher import default_teacher_ckpt, teacher_file_problems
+from raug.pretrained import add_imagenet_weights_hook
 
 # Keys both KD scripts share (the seed's names and defaults).
 KD_SHARED_CONFIG: dict[str, Any] = {
@@ -116,7 +117,7 @@ def _model_problem(config: Mapping[str, Any], key: str) -> str | None:
 
 
 def kd_shared_checks(config: Mapping[str, Any]) -> Problems:
-    """Problems with :data:`KD_SHARED_CONFIG` keys (no file access except the student's weights)."""
+    """Problems with :data:`KD_SHARED_CONFIG` keys (no file access)."""
     problems: Problems = []
     for key in ("_model_name_teacher", "_model_name_student"):
         problem = _model_problem(config, key)
@@ -133,14 +134,6 @@ def kd_shared_checks(config: Mapping[str, Any]) -> Problems:
     path = config.get("_teacher_ckpt")
     if not (isinstance(path, str) and path):
         problems.append(f"_teacher_ckpt={path!r} is invalid: expected a checkpoint path")
-    if not problems and config.get("_pretrained") is True and config.get("_resume") is False:
-        weights = models.imagenet_weights_path(config["_model_name_student"])
-        if not weights.is_file():
-            problems.append(
-                f"_pretrained=True but the ImageNet weights of {config['_model_name_student']} "
-                f"are not in the local torch hub cache ({weights}); copy them there or set "
-                "_pretrained=False"
-            )
     return problems
 
 
@@ -214,7 +207,9 @@ def make_kd_experiment(
     Validation: ``checks`` (the keys) extend the engine's config hook; a second
     hook then checks the teacher file (:func:`teacher_checks`) for the main
     command only, like the engine's data checks, so ``print_config`` works
-    before a teacher exists. Both run before any run folder is created.
+    before a teacher exists; a third one fetches the student's ImageNet weights
+    for ``_pretrained=True`` (:mod:`raug.pretrained`, main command only). All
+    run before any run folder is created.
 
     Args:
         name: experiment name.
@@ -241,4 +236,6 @@ def make_kd_experiment(
                 raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         return {}
 
+    # Last: a download only starts once everything else about the run is valid.
+    add_imagenet_weights_hook(ex, "_model_name_student")
     return ex
