@@ -61,7 +61,8 @@ _SHOW = 5  # keys shown in error messages
 # Socket timeout of a download, per operation (connect, each read), not for the whole
 # transfer: a slow but progressing download of ResNet-50's 98 MB goes on, a host that
 # does not answer fails after this many seconds instead of hanging (urllib has none).
-DOWNLOAD_TIMEOUT_S = 20.0
+# pip's default, the timeout the registries' users already live with.
+DOWNLOAD_TIMEOUT_S = 15.0
 # How long torchrun's other local ranks wait for local rank 0's download. A failed
 # download stops rank 0, and torchrun then stops the others well before this.
 RANK_WAIT_S = 1800.0
@@ -97,7 +98,8 @@ def unavailable_message(name: str, reason: str) -> str:
     return (
         f"ImageNet weights for {canonical_name(name)!r} are not in the torch hub cache and "
         f"could not be fetched from {imagenet_weights_url(name)} ({reason}): copy that file "
-        f"to {imagenet_weights_path(name)}, or set _pretrained=False (pretrained=False in create_model)"
+        f"to {imagenet_weights_path(name)}, or set _pretrained=False "
+        "(pretrained=False in create_model)"
     )
 
 
