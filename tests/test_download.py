@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from raug.isic2019 import DownloadError, download, synthesize
-from raug.isic2019.download import ARCHIVE, content_range
+from raug.isic2019.download import ARCHIVE, EXTRACTING, content_range
 from raug.isic2019.schema import IMAGES_DIR, LABELS_CSV, METADATA_CSV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,7 +165,10 @@ def test_download_resumes_a_cut_transfer_and_extracts_the_official_layout(
     assert_complete(tmp_path / "ds", official_files)
     # Resumed from the cut, not restarted: 1/3 + 2/3 of the archive went over the wire.
     assert server.requested(ARCHIVE) == [(None, size // 3), (f"bytes={size // 3}-", size - size // 3)]
-    assert any("transfer cut" in n and "resuming" in n for n in notes)
+    assert f"{server.url}{ARCHIVE}: transfer cut at {size // 3 / 1e3:.1f} kB (connection closed " \
+        "early); retrying in 0 s" in notes
+    assert any(n.endswith(f"{ARCHIVE}: resuming at {size // 3 / 1e3:.1f} kB of {size / 1e3:.1f} kB")
+               for n in notes)
     assert (res.downloaded, res.extracted, res.images) == ((LABELS_CSV, METADATA_CSV, ARCHIVE),
                                                            82, 80)
 
@@ -182,8 +185,8 @@ def test_rerun_is_a_no_op_without_any_request(tmp_path, server):
 def test_an_interrupted_run_resumes_on_the_next_run(tmp_path, server, official_files):
     size = len(official_files[ARCHIVE])
     server.cut_first[ARCHIVE] = size // 2
-    with pytest.raises(DownloadError, match=r"was cut .* keeps the .* rerun the same command "
-                                            "to resume"):
+    with pytest.raises(DownloadError, match=r"was cut \(connection closed early, 0 retries\); .*"
+                                            r"\.part keeps the .* rerun the same command to resume"):
         fetch(tmp_path, server, retries=0)
     assert (tmp_path / f"{ARCHIVE}.part").stat().st_size == size // 2
     assert not (tmp_path / IMAGES_DIR).exists()
@@ -218,6 +221,25 @@ def test_images_already_extracted_by_hand_need_no_archive(tmp_path, server, offi
     res, _ = fetch(tmp_path, server)
     assert server.requested(ARCHIVE) == []
     assert (res.downloaded, res.extracted) == ((LABELS_CSV, METADATA_CSV), 0)
+
+
+def test_leftovers_of_a_killed_extraction_are_replaced_and_strays_ignored(
+        tmp_path, server, official_files):
+    src = tmp_path / "src"
+    with zipfile.ZipFile(io.BytesIO(official_files[ARCHIVE])) as zf:
+        zf.extractall(src)
+    server.files[ARCHIVE] = official_zip(src / IMAGES_DIR, {"__MACOSX/._ISIC_0000000.jpg": b"x"})
+    root = tmp_path / "ds"
+    stale = root / EXTRACTING / IMAGES_DIR / "ISIC_9999999.jpg"  # as a kill -9 leaves it
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
+    res, notes = fetch(root, server)
+    assert res.extracted == 82
+    assert not (root / EXTRACTING).exists()
+    assert not (root / IMAGES_DIR / stale.name).exists()
+    assert not (root / "__MACOSX").exists()
+    assert f"{root / ARCHIVE}.part: ignoring what lies outside {IMAGES_DIR}/ (1 entry: " \
+        "__MACOSX/._ISIC_0000000.jpg)" in notes
 
 
 # ---------------------------------------------------------------- refusals
@@ -275,8 +297,8 @@ def test_archive_paths_leaving_the_folder_are_refused(tmp_path, server, official
 def test_existing_files_that_differ_stop_the_run_untouched(tmp_path, server, official_files):
     (tmp_path / LABELS_CSV).write_text("image,melanoma\nISIC_1,1\n")
     before = tree_state(tmp_path)
-    with pytest.raises(DownloadError, match=rf"{LABELS_CSV} exists but is not the official file: "
-                                            "its header 'image,melanoma' lacks MEL"):
+    with pytest.raises(DownloadError, match=rf"{LABELS_CSV} exists but is not the official file \(move "
+                                            r"it away .*\): its header 'image,melanoma' lacks MEL"):
         fetch(tmp_path, server)
     assert tree_state(tmp_path) == before
     assert server.log == []
@@ -335,9 +357,10 @@ def test_http_errors_and_an_offline_server_fail_fast_naming_the_url(tmp_path, se
     t0 = time.monotonic()
     with pytest.raises(DownloadError, match=rf"cannot download {re.escape(url + LABELS_CSV)} "
                                             r"\(.*refused\): check the network .* by hand into "
-                                            r"the --root folder .* --base-url"):
-        download(tmp_path, url, progress=False)
+                                            rf"{re.escape(str(tmp_path / 'new'))} .* --base-url"):
+        download(tmp_path / "new", url, progress=False)
     assert time.monotonic() - t0 < 5
+    assert not (tmp_path / "new").exists()  # no empty folder left behind
     with pytest.raises(DownloadError, match="must be an http"):
         download(tmp_path, "file:///tmp/isic/", progress=False)
 

@@ -124,8 +124,9 @@ def download(
     """
     root = Path(root)
     base = _base_url(base_url)
+    if root.exists() and not root.is_dir():
+        raise DownloadError(f"--root {root} is not a folder")
     _refuse_synthetic(root)
-    root.mkdir(parents=True, exist_ok=True)
     fetch = _Fetcher(progress, timeout, retries, retry_wait, note)
     downloaded = [name for name in (LABELS_CSV, METADATA_CSV) if _get_csv(fetch, base, root, name)]
     ids = ground_truth_ids(root / LABELS_CSV)
@@ -146,7 +147,8 @@ def _get_csv(fetch: _Fetcher, base: str, root: Path, name: str) -> bool:
     """Make sure ``root/name`` is there and looks official; True when it was downloaded."""
     target = root / name
     if target.exists():
-        check_csv(target, f"{target} exists but is not the official file")
+        check_csv(target, f"{target} exists but is not the official file (move it away or "
+                          "choose another --root)")
         return False
     part = fetch(base + name, root / (name + PART_SUFFIX))
     try:
@@ -200,16 +202,17 @@ class _Fetcher:
                 have = _size(part)
                 if attempt == self.retries:
                     raise DownloadError(
-                        f"download of {url} was cut ({exc}); {part} keeps the {human(have)} "
-                        "received: rerun the same command to resume") from None
-                self.note(f"{url}: transfer cut at {human(have)} ({exc}); resuming")
-                time.sleep(self.retry_wait * 2 ** attempt)
+                        f"download of {url} was cut ({exc}, {attempt} retries); {part} keeps the "
+                        f"{human(have)} received: rerun the same command to resume") from None
+                wait = self.retry_wait * 2 ** attempt
+                self.note(f"{url}: transfer cut at {human(have)} ({exc}); retrying in {wait:g} s")
+                time.sleep(wait)
         raise AssertionError("unreachable")
 
     def _once(self, url: str, part: Path, room_for_extraction: bool) -> None:
         have = _size(part)
         try:
-            resp = _open(url, have, self.timeout)
+            resp = _open(url, have, self.timeout, part.parent)
         except HTTPError as exc:
             exc.close()
             if exc.code != 416 or not have:
@@ -226,6 +229,10 @@ class _Fetcher:
             if have and start == 0:
                 self.note(f"{url}: the server did not resume (no HTTP Range support); "
                           "restarting it from the beginning")
+            elif start:
+                self.note(f"{url}: resuming at {human(start)} of {human(total)}")
+            # Created only now: an offline run leaves no empty folder behind.
+            part.parent.mkdir(parents=True, exist_ok=True)
             if total is not None:
                 needed, what = total - start, ""
                 if room_for_extraction:
@@ -235,7 +242,7 @@ class _Fetcher:
 
     def _receive(self, resp, part: Path, start: int, total: int | None) -> None:
         with open(part, "r+b" if start else "wb") as fh, tqdm(
-                total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                total=total, initial=start, unit="B", unit_scale=True,
                 desc=part.name.removesuffix(PART_SUFFIX), disable=not self.progress,
                 file=sys.stderr) as bar:
             fh.seek(start)
@@ -244,7 +251,7 @@ class _Fetcher:
                 fh.write(chunk)  # a full disk raises here, not as a "cut" transfer
                 bar.update(len(chunk))
         if total is not None and _size(part) < total:
-            raise _TransferCut(f"{human(_size(part))} of {human(total)}")
+            raise _TransferCut("connection closed early")
 
 
 def _read(resp) -> bytes:
@@ -255,8 +262,11 @@ def _read(resp) -> bytes:
         raise _TransferCut(f"{type(exc).__name__}: {exc}") from None
 
 
-def _open(url: str, have: int, timeout: float):
-    """``urlopen`` asking for the bytes from ``have`` on; network failures -> DownloadError."""
+def _open(url: str, have: int, timeout: float, folder: Path):
+    """``urlopen`` asking for the bytes from ``have`` on; network failures -> DownloadError.
+
+    The error names ``folder``, where a file downloaded by hand would go.
+    """
     headers = {"User-Agent": "ssdkd-isic-download/1"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -268,8 +278,8 @@ def _open(url: str, have: int, timeout: float):
         reason = getattr(exc, "reason", exc)
         raise DownloadError(
             f"cannot download {url} ({reason}): check the network connection, or download "
-            "the file by hand into the --root folder and rerun, or give a mirror with "
-            "--base-url") from None
+            f"the file by hand into {folder} and rerun, or give a mirror with --base-url"
+        ) from None
 
 
 def _response_range(resp, have: int) -> tuple[int, int | None]:
@@ -353,8 +363,9 @@ def archive_members(zf: zipfile.ZipFile, note: Callable[[str], None]) -> list[zi
         elif not info.is_dir():
             members.append(info)
     if outside:
-        note(f"{zf.filename}: ignoring {len(outside)} entr(ies) outside {IMAGES_DIR}/: "
-             f"{', '.join(outside[:3])}")
+        count = f"{len(outside)} {'entry' if len(outside) == 1 else 'entries'}"
+        note(f"{zf.filename}: ignoring what lies outside {IMAGES_DIR}/ ({count}: "
+             f"{', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''})")
     return members
 
 
@@ -378,7 +389,7 @@ def check_archive(path: Path, ids: list[str], progress: bool,
                 raise DownloadError(
                     f"{path} lacks {len(missing)} image(s) listed in {LABELS_CSV} "
                     f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-            _stream(zf, members, progress, f"check {path.name}")
+            _stream(zf, members, progress, f"verify {path.name.removesuffix(PART_SUFFIX)}")
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise CorruptArchive(f"{path} is corrupt ({exc})") from None
 
@@ -391,7 +402,7 @@ def _stream(zf: zipfile.ZipFile, members: list[zipfile.ZipInfo], progress: bool,
         zipfile.BadZipFile, zlib.error, EOFError: a damaged member.
     """
     with tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True,
-              unit_divisor=1024, desc=desc, disable=not progress, file=sys.stderr) as bar:
+              desc=desc, disable=not progress, file=sys.stderr) as bar:
         for info in members:
             target = None if into is None else into.joinpath(*PurePosixPath(info.filename).parts)
             if target is not None:
@@ -477,6 +488,10 @@ def run(root: Path, base_url: str, progress: bool = True, timeout: float = TIMEO
         res = download(root, base_url, progress=progress, timeout=timeout)
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the local side: permissions, a full disk mid-way
+        print(f"error: {exc}; partial downloads (*{PART_SUFFIX}) in {root} resume on a rerun",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: nothing half-extracted is left; partial downloads stay in {root} "
