@@ -239,7 +239,7 @@ def test_leftovers_of_a_killed_extraction_are_replaced_and_strays_ignored(
     assert not (root / IMAGES_DIR / stale.name).exists()
     assert not (root / "__MACOSX").exists()
     assert f"{root / ARCHIVE}.part: ignoring what lies outside {IMAGES_DIR}/ (1 entry: " \
-        "__MACOSX/._ISIC_0000000.jpg)" in notes
+        "'__MACOSX/._ISIC_0000000.jpg')" in notes
 
 
 # ---------------------------------------------------------------- refusals
@@ -273,7 +273,7 @@ def test_an_archive_missing_a_listed_image_is_refused_and_kept(tmp_path, server,
                     out.writestr(info, zf.read(info))
     server.files[ARCHIVE] = buf.getvalue()
     image = Path(first).stem
-    with pytest.raises(DownloadError, match=rf"lacks 1 image\(s\) listed in .*\({image}\)"):
+    with pytest.raises(DownloadError, match=rf"lacks 1 image\(s\) listed in .*\('{image}'\)"):
         fetch(tmp_path, server)
     assert (tmp_path / ARCHIVE).read_bytes() == buf.getvalue()  # intact: no second download
     assert not (tmp_path / IMAGES_DIR).exists()

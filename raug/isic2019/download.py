@@ -52,6 +52,7 @@ from raug.isic2019.schema import (
     METADATA_HEADER,
 )
 from raug.isic2019.synthesize import MARKER
+from raug.isic2019.tables import listing
 
 DEFAULT_BASE_URL = "https://isic-challenge-data.s3.amazonaws.com/2019/"
 ARCHIVE = f"{IMAGES_DIR}.zip"
@@ -343,8 +344,7 @@ def check_image_folder(folder: Path, ids: list[str]) -> None:
     if missing:
         raise DownloadError(
             f"{folder} exists but lacks {len(missing)} image(s) of {LABELS_CSV} "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); move it away "
-            "and rerun to extract the archive afresh")
+            f"({listing(missing)}); move it away and rerun to extract the archive afresh")
 
 
 def archive_members(zf: zipfile.ZipFile, note: Callable[[str], None]) -> list[zipfile.ZipInfo]:
@@ -365,7 +365,7 @@ def archive_members(zf: zipfile.ZipFile, note: Callable[[str], None]) -> list[zi
     if outside:
         count = f"{len(outside)} {'entry' if len(outside) == 1 else 'entries'}"
         note(f"{zf.filename}: ignoring what lies outside {IMAGES_DIR}/ ({count}: "
-             f"{', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''})")
+             f"{listing(outside)})")
     return members
 
 
@@ -388,7 +388,7 @@ def check_archive(path: Path, ids: list[str], progress: bool,
             if missing:
                 raise DownloadError(
                     f"{path} lacks {len(missing)} image(s) listed in {LABELS_CSV} "
-                    f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+                    f"({listing(missing)})")
             _stream(zf, members, progress, f"verify {path.name.removesuffix(PART_SUFFIX)}")
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise CorruptArchive(f"{path} is corrupt ({exc})") from None
