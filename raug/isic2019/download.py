@@ -60,7 +60,7 @@ PART_SUFFIX = ".part"
 EXTRACTING = f".{IMAGES_DIR}.extracting"
 # Columns a file must have to count as the official CSV (preparation needs no more).
 CSV_COLUMNS = {LABELS_CSV: ("image", *GT_CLASSES), METADATA_CSV: METADATA_HEADER}
-TIMEOUT_S = 20.0
+TIMEOUT_S = 15.0  # per socket operation (connect, each read); pip's default, as for the weights
 RETRIES = 3
 _CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-\d+|\*)/(\d+)")
