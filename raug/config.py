@@ -8,15 +8,17 @@ the repository root, not the working directory, so scripts run from anywhere.
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from sacred.config import chain_evaluate_config_scopes
 from sacred.utils import SacredError
 
-from raug.data import TEST_CSV, TRAIN_CSV
+from raug.data import TEST_CSV, TRAIN_CSV, fold_class_gaps
 from raug.device import AMP_CHOICES, check_device
 from raug.engine import VAL_METRICS
 
@@ -68,7 +70,15 @@ RESUMABLE_CHANGES = frozenset(
      "_compile", "_resume", "_base_path", "_save_folder", "_sync_bn"}
 )
 
+# Sacred seeds numpy's legacy RandomState with the run seed, which accepts [0, 2**32 - 1] only.
+SEED_MAX = 2**32 - 1
+
+# Names users type for keys the seed named otherwise; matched like the keys themselves when
+# suggesting the key meant by an unknown one (``_lerning_rate`` -> ``_lr_init``).
+KEY_ALIASES: dict[str, str] = {"lr": "_lr_init", "learning_rate": "_lr_init", "fold": "_folder"}
+
 Check = Callable[[Mapping[str, Any]], Iterable[str]]
+Warn = Callable[[str], None]
 
 
 class ConfigError(SacredError, ValueError):
@@ -106,9 +116,13 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
         if not ok:
             problems.append(f"{key}={config.get(key)!r} is invalid: {allowed}")
 
-    def integer(key: str, minimum: int) -> None:
+    def integer(key: str, minimum: int, maximum: int | None = None) -> None:
         value = config.get(key)
-        need(_is_int(value) and value >= minimum, key, f"expected an integer >= {minimum}")
+        if maximum is None:
+            need(_is_int(value) and value >= minimum, key, f"expected an integer >= {minimum}")
+        else:
+            need(_is_int(value) and minimum <= value <= maximum, key,
+                 f"expected an integer in [{minimum}, {maximum}]")
 
     missing = [k for k in SHARED_CONFIG if k not in config]
     if missing:
@@ -119,7 +133,7 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     integer("_sched_patience", 0)
     integer("_early_stop", 1)
     integer("_num_workers", 0)
-    integer("seed", 0)
+    integer("seed", 0, SEED_MAX)
     size = config["_img_size"]
     need(_is_int(size) and size > 0 and size % 32 == 0, "_img_size",
          "expected a positive multiple of 32 (the networks downsample by 32)")
@@ -148,8 +162,15 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def data_checks(config: Mapping[str, Any]) -> list[str]:
-    """Problems found in the prepared data (CSV presence, ``_folder`` among the folds)."""
+def data_checks(config: Mapping[str, Any], warn: Warn | None = None) -> list[str]:
+    """Problems found in the prepared data: CSV presence, ``_folder`` among the folds, classes.
+
+    Args:
+        config: the run's config (shared keys valid, paths absolute).
+        warn: called with one line per fact worth a warning that does not stop the run
+            (a class absent from the validation fold; from the training folds with
+            ``_use_wce=False``); ``None``: not reported.
+    """
     base = Path(config["_base_path"])
     train_csv, test_csv = base / TRAIN_CSV, base / TEST_CSV
     problems = []
@@ -160,16 +181,43 @@ def data_checks(config: Mapping[str, Any]) -> list[str]:
     if problems:
         return problems
     try:
-        folds = sorted(int(f) for f in pd.read_csv(train_csv, usecols=["folder"])["folder"].unique())
+        table = pd.read_csv(train_csv, usecols=["folder", "diagnostic"])
+        folds = sorted(int(f) for f in table["folder"].unique())
     except ValueError as exc:
-        return [f"{train_csv}: cannot read the 'folder' column ({exc})"]
-    if config["_folder"] not in folds:
-        problems.append(f"_folder={config['_folder']!r} is invalid: the folds in {train_csv} are {folds}")
+        return [f"{train_csv}: cannot read the 'folder' and 'diagnostic' columns ({exc})"]
+    folder = config["_folder"]
+    if folder not in folds:
+        return [f"_folder={folder!r} is invalid: the folds in {train_csv} are {folds}"]
+    no_train, no_val = fold_class_gaps(table, folder)
+    notes = []
+    if no_train:
+        training = [f for f in folds if f != folder]
+        fact = (f"_folder={folder}: the training folds {training} of {train_csv} hold no image "
+                f"of class(es) {no_train}")
+        if config.get("_use_wce") is False:
+            notes.append(f"{fact}: the network never sees them in training")
+        else:
+            # class_weights() would divide by a zero count inside the run: say it here instead.
+            problems.append(
+                f"{fact}, so their frequency class weights are undefined; choose another "
+                "_folder, prepare the data with every class in the training folds, or set "
+                "_use_wce=False"
+            )
+    if no_val:
+        notes.append(f"_folder={folder}: validation fold {folder} of {train_csv} holds no image "
+                     f"of class(es) {no_val}: the validation metrics and the best epoch ignore them")
+    for note in notes if warn else ():
+        warn(note)
     return problems
 
 
 def validate_config(
-    config: Mapping[str, Any], extra_checks: Iterable[Check] = (), check_files: bool = True
+    config: Mapping[str, Any],
+    extra_checks: Iterable[Check] = (),
+    check_files: bool = True,
+    *,
+    known_keys: Collection[str] | None = None,
+    warn: Warn | None = None,
 ) -> None:
     """Raise :class:`ConfigError` listing every problem, one line each.
 
@@ -177,14 +225,73 @@ def validate_config(
         config: the run's config (paths already absolute).
         extra_checks: script-specific checks, each ``config -> iterable of problems``.
         check_files: also look at the prepared data (skipped for ``print_config``).
+        known_keys: the keys the script declares (:func:`declared_keys`); any other key
+            of ``config`` is refused. ``None``: not checked.
+        warn: receives the data checks' warnings (see :func:`data_checks`).
     """
-    problems = shared_checks(config)
+    problems = [] if known_keys is None else unknown_key_problems(config, known_keys)
+    problems.extend(shared_checks(config))
     for check in extra_checks:
         problems.extend(check(config))
     if check_files and isinstance(config.get("_base_path"), str) and _is_int(config.get("_folder")):
-        problems.extend(data_checks(config))
+        problems.extend(data_checks(config, warn))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------- unknown keys
+
+
+def declared_keys(configurations: Iterable[Any], named_configs: Mapping[str, Any]) -> frozenset[str]:
+    """Every top-level key an experiment declares, from its config scopes and named configs.
+
+    Sacred's own check for added keys misses most of them once an experiment has more
+    than one config scope (``_lr=-1`` simply joins the config), so the engine compares
+    the config with this set itself.
+
+    Args:
+        configurations: the experiment's config scopes in order (``ex.configurations``:
+            dicts, and functions such as :func:`raug.methods.kd_config.kd_paths`).
+        named_configs: ``ex.named_configs`` (``quick`` and any other preset).
+    """
+    defaults, _ = chain_evaluate_config_scopes(list(configurations))
+    keys = set(defaults)
+    for named in named_configs.values():
+        keys.update(named(preset=defaults))
+    return frozenset(keys)
+
+
+def _bare(key: str) -> str:
+    return key.lstrip("_").lower()
+
+
+def closest_keys(key: str, known: Collection[str], limit: int = 3) -> list[str]:
+    """The known keys a user most likely meant by ``key`` (possibly none).
+
+    Leading underscores and case are ignored, and :data:`KEY_ALIASES` count as names
+    of their keys. The keys that start with ``key`` win when there are at most
+    ``limit`` of them (``_lr`` -> ``_lr_init``); otherwise the closest spelling by
+    :func:`difflib.get_close_matches` (``_batchsize`` -> ``_batch_size``).
+    """
+    names = {alias: target for alias, target in KEY_ALIASES.items() if target in known}
+    names.update({_bare(k): k for k in known})
+    bare = _bare(key)
+    if not bare:
+        return []
+    starting = sorted({target for name, target in names.items() if name.startswith(bare)})
+    if 0 < len(starting) <= limit:
+        return starting
+    return [names[name] for name in difflib.get_close_matches(bare, names, n=1, cutoff=0.6)]
+
+
+def unknown_key_problems(config: Mapping[str, Any], known: Collection[str]) -> list[str]:
+    """One line per key of ``config`` outside ``known``, naming the key(s) probably meant."""
+    problems = []
+    for key in sorted(set(config) - set(known)):
+        guesses = closest_keys(key, known)
+        hint = f"did you mean {' or '.join(guesses)}?" if guesses else "print_config lists the keys"
+        problems.append(f"{key}={config[key]!r} is not a config key of this script; {hint}")
+    return problems
 
 
 def finished_run_markers(save_folder: str | os.PathLike) -> list[str]:

@@ -114,6 +114,26 @@ def split_folds(frame: pd.DataFrame, folder: int) -> tuple[pd.DataFrame, pd.Data
     return frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True)
 
 
+def fold_class_gaps(frame: pd.DataFrame, folder: int) -> tuple[list[str], list[str]]:
+    """Classes without any image in the training folds, and in the validation fold.
+
+    Args:
+        frame: the training table (columns ``folder`` and ``diagnostic``).
+        folder: the validation fold (``_folder``); the other folds are the training folds.
+
+    Returns:
+        ``(absent from the training folds, absent from fold folder)``, each a list of
+        :data:`CLASS_NAMES` codes in label order.
+    """
+    is_val = frame["folder"] == folder
+
+    def absent(labels: pd.Series) -> list[str]:
+        present = set(labels.astype(str))
+        return [name for name in CLASS_NAMES if name not in present]
+
+    return absent(frame.loc[~is_val, "diagnostic"]), absent(frame.loc[is_val, "diagnostic"])
+
+
 def class_weights(
     labels: Sequence[int] | np.ndarray,
     num_classes: int = len(CLASS_NAMES),

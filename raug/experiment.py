@@ -51,6 +51,7 @@ from raug.config import (
     Check,
     ConfigError,
     check_save_folder,
+    declared_keys,
     default_save_folder,
     resolve_repo_path,
     resume_mismatches,
@@ -264,6 +265,9 @@ def make_experiment(
         path_keys: further config keys holding paths to resolve against the repo root.
         extra_checks: script-specific validation, ``config -> iterable of one-line problems``.
 
+    Every command refuses keys the experiment does not declare (``_lr=-1`` names
+    ``_lr_init``), before any run folder exists; Sacred itself would let them pass.
+
     Returns:
         The experiment; the script adds ``@ex.automain``.
     """
@@ -288,7 +292,11 @@ def make_experiment(
                 updates[key] = str(resolve_repo_path(value))
         merged = {**config, **updates}
         is_main = command_name == ex.default_command
-        validate_config(merged, checks, check_files=is_main)
+        # Declared keys are gathered now, not at creation: scripts add config scopes
+        # (kd_paths) and named configs after this function returns.
+        known = declared_keys(ex.configurations, ex.named_configs)
+        validate_config(merged, checks, check_files=is_main, known_keys=known,
+                        warn=logger.warning)
         if is_main:
             # Before any observer has created a run folder in it.
             check_save_folder(merged["_save_folder"], merged["_resume"])

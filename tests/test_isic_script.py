@@ -158,3 +158,41 @@ def test_runs_table_lists_the_run(teacher_run):
     assert row["test.balanced_accuracy"] == metrics["test.balanced_accuracy"]
     assert row["test.recall.MEL"] == metrics["test.recall.MEL"]
     assert row["best_val"] == metrics["best.val_loss"]
+
+
+# ----------------------------------------------------------------------------- issue #20: refused before any run folder
+
+
+def assert_refused_in_one_line(proc, out, line):
+    """The command failed, printed ``line`` as one line of stderr, no traceback, no run folder."""
+    assert proc.returncode != 0
+    assert line in proc.stderr.splitlines(), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("extra", "line"), [
+    ("_lr=-1", "_lr=-1 is not a config key of this script; did you mean _lr_init?"),
+    ("_lerning_rate=0.5", "_lerning_rate=0.5 is not a config key of this script; did you mean _lr_init?"),
+    ("seed=1099511627776", "seed=1099511627776 is invalid: expected an integer in [0, 4294967295]"),
+])
+def test_unknown_key_or_seed_out_of_range_stops_before_any_run_folder(prepared_isic, tmp_path, extra, line):
+    out = tmp_path / "never"
+    proc = run_isic(tmp_path, prepared_isic, out, extra)
+    assert_refused_in_one_line(proc, out, f"  {line}")
+
+
+def test_class_without_training_images_stops_before_any_run_folder(prepared_isic, tmp_path):
+    base = tmp_path / "data"
+    for part in ("train", "test"):
+        (base / part).mkdir(parents=True)
+        (base / part / "imgs").symlink_to(Path(prepared_isic) / part / "imgs")
+    (base / TEST_CSV).write_bytes((Path(prepared_isic) / TEST_CSV).read_bytes())
+    full = pd.read_csv(Path(prepared_isic) / TRAIN_CSV, dtype={"image": str})
+    full.loc[(full["diagnostic"] != "DF") | (full["folder"] == 2)].to_csv(base / TRAIN_CSV, index=False)
+    out = tmp_path / "never"
+    proc = run_isic(tmp_path, base, out)
+    problem = next(line for line in proc.stderr.splitlines() if "no image of class" in line)
+    assert problem.startswith("  _folder=2: the training folds [1, 3, 4, 5] of ")
+    assert "hold no image of class(es) ['DF'], so their frequency class weights are undefined" in problem
+    assert_refused_in_one_line(proc, out, problem)
