@@ -65,9 +65,11 @@ QUICK_CONFIG: dict[str, Any] = {
 }
 
 # Keys that may change when a run is resumed (everything else must match).
+# _allow_split_mismatch (KD scripts) changes no computation, and runs started before it
+# existed have no value for it in their checkpoints: they must still resume.
 RESUMABLE_CHANGES = frozenset(
     {"_epochs", "_early_stop", "_device", "_num_workers", "_amp", "_channels_last",
-     "_compile", "_resume", "_base_path", "_save_folder", "_sync_bn"}
+     "_compile", "_resume", "_base_path", "_save_folder", "_sync_bn", "_allow_split_mismatch"}
 )
 
 # Sacred seeds numpy's legacy RandomState with the run seed, which accepts [0, 2**32 - 1] only.

@@ -148,3 +148,10 @@ def test_complete_folds_neither_refuse_nor_warn(data_config):
     validate_config(data_config, warn=warnings.append)
     assert warnings == []
 
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_runs_started_before_allow_split_mismatch_existed_still_resume():
+    saved = {**SHARED_CONFIG, "_teacher_ckpt": "t.pth"}
+    assert resume_mismatches(saved, {**saved, "_allow_split_mismatch": False}) == []

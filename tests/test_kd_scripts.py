@@ -15,8 +15,9 @@ import torch
 
 import models
 from raug.checkpoint import is_project_checkpoint, load_checkpoint, save_checkpoint
-from raug.config import SHARED_CONFIG, ConfigError
+from raug.config import SHARED_CONFIG, ConfigError, declared_keys
 from raug.data import CLASS_NAMES
+from raug.isic2019 import split_hash
 from raug.methods.kd_config import (
     DKD_CONFIG,
     KD_SHARED_CONFIG,
@@ -25,7 +26,12 @@ from raug.methods.kd_config import (
     ssdkd_checks,
     teacher_checks,
 )
-from raug.methods.teacher import default_teacher_ckpt, load_teacher
+from raug.methods.teacher import (
+    default_teacher_ckpt,
+    inspect_teacher,
+    load_teacher,
+    recorded_split_hash,
+)
 from raug.metrics import balanced_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,3 +338,137 @@ def test_cli_error_is_one_line_per_problem_and_leaves_no_folder(runs, tmp_path):
     assert "_T=-1 is invalid: expected a number > 0" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- issue #20: leakage, damaged teachers, keys
+
+OTHER_HASH = "f" * 64
+
+
+def tiny_teacher(path, *, outputs=8, recorded_hash=None, seed_format=False):
+    """A ResNet-50 teacher file as the checks see it: its description and classifier, no backbone."""
+    state = {"features.4.0.conv1.weight": torch.zeros(1),  # the key that marks the ResNet-50 layout
+             "classifier.weight": torch.zeros(outputs, 2048), "classifier.bias": torch.zeros(outputs)}
+    if seed_format:
+        torch.save({"epoch": 1, "model_state_dict": state}, path)
+        return str(path)
+    config = {"_folder": 2} if recorded_hash is None else {"_folder": 2, "_split_hash": recorded_hash}
+    return str(save_checkpoint(path, {
+        "model_name": "resnet-50", "num_classes": 8, "class_names": list(CLASS_NAMES), "img_size": 32,
+        "config": config, "model_state_dict": state}))
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(prepared_isic, tmp_path_factory):
+    """Teacher files (no backbone: they pass or fail the checks, never load) for ``prepared_isic``."""
+    folder = tmp_path_factory.mktemp("tiny_teachers")
+    data_hash = split_hash(prepared_isic)
+    return {
+        "base": str(prepared_isic), "data_hash": data_hash, "root": folder,
+        "same": tiny_teacher(folder / "same.pth", recorded_hash=data_hash),
+        "other": tiny_teacher(folder / "other.pth", recorded_hash=OTHER_HASH),
+        "five": tiny_teacher(folder / "five.pth", outputs=5, recorded_hash=data_hash),
+        "seed": tiny_teacher(folder / "seed.pth", seed_format=True),
+    }
+
+
+def on_data(teachers, which, make=dkd_config, **kw):
+    """A KD config on the tiny teachers' data with teacher ``which``."""
+    return make(teachers[which], _base_path=teachers["base"], **kw)
+
+
+@pytest.mark.parametrize("make", [dkd_config, ssd_config])
+def test_teacher_from_another_preparation_is_refused_naming_both_hashes(tiny_teachers, make):
+    warnings = []
+    problems = teacher_checks(on_data(tiny_teachers, "other", make), warn=warnings.append)
+    assert problems == [
+        f"_teacher_ckpt={tiny_teachers['other']!r} was trained on a different preparation "
+        f"(split_hash ffffffffffff… vs the data's {tiny_teachers['data_hash'][:12]}…): its training "
+        "images may include this run's test images. Use a teacher trained on this data, or set "
+        "_allow_split_mismatch=True if you mean it"
+    ]
+    assert warnings == []
+
+
+def test_allow_split_mismatch_turns_the_refusal_into_a_warning(tiny_teachers):
+    warnings = []
+    config = on_data(tiny_teachers, "other", _allow_split_mismatch=True)
+    assert teacher_checks(config, warn=warnings.append) == []
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"_allow_split_mismatch=True: the teacher {tiny_teachers['other']} ")
+    assert warnings[0].endswith("the test metrics may be optimistic")
+    assert dkd_checks(on_data(tiny_teachers, "other", _allow_split_mismatch="yes")) == [
+        "_allow_split_mismatch='yes' is invalid: expected True or False"]
+
+
+def test_teacher_of_this_preparation_passes_without_a_word(tiny_teachers):
+    warnings = []
+    assert teacher_checks(on_data(tiny_teachers, "same"), warn=warnings.append) == []
+    assert warnings == []
+    # the student alone loads no teacher: nothing to compare
+    assert teacher_checks(on_data(tiny_teachers, "other", _kd_method="none")) == []
+
+
+def test_teacher_without_a_recorded_split_hash_only_warns(tiny_teachers):
+    warnings = []
+    assert teacher_checks(on_data(tiny_teachers, "seed"), warn=warnings.append) == []
+    assert len(warnings) == 1
+    assert f"the teacher {tiny_teachers['seed']} records no split_hash" in warnings[0]
+
+
+def test_recorded_split_hash_prefers_the_hash_of_the_csvs_the_run_read():
+    both = {"config": {"_split_hash": "csv"}, "data_preparation": {"split_hash": "prep"}}
+    assert recorded_split_hash(both) == "csv"
+    assert recorded_split_hash({"data_preparation": {"split_hash": "prep"}}) == "prep"
+    assert recorded_split_hash({"config": {}, "data_preparation": None}) is None
+
+
+def test_teacher_whose_weights_contradict_its_classes_is_refused(tiny_teachers):
+    summary = inspect_teacher(tiny_teachers["five"])
+    assert (summary.num_classes, summary.head_outputs) == (8, 5)
+    problems = teacher_checks(on_data(tiny_teachers, "five"))
+    assert problems == [
+        f"_teacher_ckpt={tiny_teachers['five']!r} records num_classes=8 and 8 class_names but its "
+        "classifier weights have 5 outputs: the file is damaged or mislabelled"
+    ]
+
+
+@pytest.mark.parametrize(("script", "which", "updates", "message"), [
+    ("isic_d_kd", "other", {}, "was trained on a different preparation"),
+    ("isic_ssd_kd", "other", {}, "was trained on a different preparation"),
+    ("isic_d_kd", "five", {}, "classifier weights have 5 outputs"),
+    ("isic_d_kd", "same", {"_lerning_rate": 0.5}, r"_lerning_rate=0.5 is not a config key of this script; did you mean _lr_init\?"),
+    ("isic_ssd_kd", "same", {"_lambd": 0.5}, "_lambd=0.5 is not a config key of this script"),
+])
+def test_issue_20_refusals_come_before_any_run_folder(tiny_teachers, script, which, updates, message):
+    out = tiny_teachers["root"] / f"never_{script}_{which}"
+    with pytest.raises(ConfigError, match=message):
+        load_script(script).run(named_configs=["quick"], config_updates={
+            "_base_path": tiny_teachers["base"], "_teacher_ckpt": tiny_teachers[which],
+            "_save_folder": str(out), "_img_size": 32, "_epochs": 1, **updates})
+    assert not out.exists()
+
+
+def test_leaking_teacher_on_the_command_line_stops_in_one_line(tiny_teachers):
+    out = tiny_teachers["root"] / "never_cli"
+    proc = run_script("isic_d_kd", f"_base_path={tiny_teachers['base']}", *FAST, "_epochs=1",
+                      f"_teacher_ckpt={tiny_teachers['other']}", f"_save_folder={out}")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "different preparation" in line]
+    assert len(lines) == 1
+    assert "_allow_split_mismatch=True" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("script", "method"), [("isic_d_kd", DKD_CONFIG), ("isic_ssd_kd", SSDKD_CONFIG)])
+def test_every_declared_key_is_accepted(script, method):
+    ex = load_script(script)
+    keys = declared_keys(ex.configurations, ex.named_configs)
+    # (__doc__: a config function's docstring, which Sacred lets a command line set)
+    assert keys == {*SHARED_CONFIG, *KD_SHARED_CONFIG, *method, "_teacher_ckpt", "__doc__"}
+    assert "_allow_split_mismatch" in keys
+    # keys set by the kd_paths function and Sacred's seed pass like any other
+    run = ex.run("print_config", config_updates={"_teacher_ckpt": "t.pth", "_save_folder": "s",
+                                                 "seed": 7, "_allow_split_mismatch": True})
+    assert run.config["_allow_split_mismatch"] is True

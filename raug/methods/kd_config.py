@@ -19,10 +19,16 @@ from sacred import Experiment
 
 import models
 from kd_losses import KD_METHODS
-from raug.config import RESULTS_DIR, ConfigError
+from raug.config import RESULTS_DIR, ConfigError, Warn, resolve_repo_path
 from raug.data import CLASS_NAMES
 from raug.experiment import make_experiment
-from raug.methods.teacher import default_teacher_ckpt, teacher_file_problems
+from raug.isic2019 import DataError, split_hash
+from raug.methods.teacher import (
+    default_teacher_ckpt,
+    inspect_teacher,
+    split_findings,
+    teacher_file_problems,
+)
 from raug.pretrained import add_imagenet_weights_hook
 
 # Keys both KD scripts share (the seed's names and defaults).
@@ -33,6 +39,9 @@ KD_SHARED_CONFIG: dict[str, Any] = {
     "_layer_t": "feats_7x7",
     "_lambd_drkd": 1.0,  # RKD block: lambd_drkd * (25 distance + 50 angle)
     "_lambd_crkd": 1000.0,  # channel relation
+    # True: accept a teacher trained on another preparation of the data (its split_hash
+    # differs, so its training images may include this run's test images); warns only.
+    "_allow_split_mismatch": False,
 }
 
 DKD_CONFIG: dict[str, Any] = {
@@ -131,19 +140,53 @@ def kd_shared_checks(config: Mapping[str, Any]) -> Problems:
             )
     for key in ("_lambd_drkd", "_lambd_crkd"):
         _need_number(config, key, problems)
+    allow = config.get("_allow_split_mismatch")
+    if not isinstance(allow, bool):
+        problems.append(f"_allow_split_mismatch={allow!r} is invalid: expected True or False")
     path = config.get("_teacher_ckpt")
     if not (isinstance(path, str) and path):
         problems.append(f"_teacher_ckpt={path!r} is invalid: expected a checkpoint path")
     return problems
 
 
-def teacher_checks(config: Mapping[str, Any]) -> Problems:
-    """Problems with the ``_teacher_ckpt`` file (none needed for ``_kd_method="none"``)."""
+def teacher_checks(config: Mapping[str, Any], warn: Warn | None = None) -> Problems:
+    """Problems with the ``_teacher_ckpt`` file (none needed for ``_kd_method="none"``).
+
+    The file itself (:func:`raug.methods.teacher.teacher_file_problems`), then the data
+    it was trained on (:func:`teacher_split_problems`).
+
+    Args:
+        config: the run's config (keys valid).
+        warn: receives one line per warning that does not stop the run; ``None``: dropped.
+    """
     if config.get("_kd_method") == "none":
         return []
-    return teacher_file_problems(
+    problems = teacher_file_problems(
         config["_teacher_ckpt"], config["_model_name_teacher"], CLASS_NAMES
     )
+    return problems or teacher_split_problems(config, warn)
+
+
+def teacher_split_problems(config: Mapping[str, Any], warn: Warn | None = None) -> Problems:
+    """A teacher trained on another preparation than ``_base_path``'s is refused.
+
+    Compares the teacher's recorded ``split_hash`` with the hash of the prepared CSVs
+    (:func:`raug.methods.teacher.split_findings`: the rules, the override
+    ``_allow_split_mismatch``). Data without CSVs: nothing to compare (the data checks
+    report them).
+    """
+    try:
+        data_hash = split_hash(resolve_repo_path(config["_base_path"]))
+    except DataError:
+        return []
+    path = str(resolve_repo_path(config["_teacher_ckpt"]))
+    problems, warnings = split_findings(
+        path, inspect_teacher(path).split_hash, data_hash,
+        allow_mismatch=config.get("_allow_split_mismatch") is True,
+    )
+    for line in warnings if warn else ():
+        warn(line)
+    return problems
 
 
 def uses_rkd(config: Mapping[str, Any]) -> bool:
@@ -231,7 +274,7 @@ def make_kd_experiment(
         # Sacred runs the hooks in order: the engine's (keys, data, save folder)
         # has passed when this one runs, so the keys used here are valid.
         if command_name == ex.default_command:
-            problems = teacher_checks(config)
+            problems = teacher_checks(config, warn=logger.warning)
             if problems:
                 raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         return {}

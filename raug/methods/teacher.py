@@ -55,6 +55,10 @@ class TeacherSummary:
         class_names: class codes in label order (``None``: not recorded, the seed's order assumed).
         folder: the validation fold the teacher was selected on (``None``: not recorded).
         img_size: the input size it was trained at (``None``: not recorded).
+        split_hash: the ``split_hash`` of the prepared data it was trained on (``None``:
+            not recorded, e.g. the seed's checkpoints).
+        head_outputs: outputs of the classifier weights actually stored (``None``: no
+            classifier found); may disagree with a damaged file's ``num_classes``.
     """
 
     kind: str
@@ -63,14 +67,30 @@ class TeacherSummary:
     class_names: tuple[str, ...] | None
     folder: int | None
     img_size: int | None
+    split_hash: str | None = None
+    head_outputs: int | None = None
 
 
 # classifier weights: project/seed layout, torchvision ResNet-50, torchvision MobileNet-V2
 _HEAD_KEYS = ("classifier.weight", "fc.weight", "classifier.1.weight")
 
 
+def recorded_split_hash(ckpt: Mapping[str, Any]) -> str | None:
+    """The ``split_hash`` of the data a project checkpoint was trained on, if recorded.
+
+    ``config["_split_hash"]`` (hashed from the CSVs when the run started) is preferred
+    to ``data_preparation["split_hash"]`` (copied from ``prep_info.json``).
+    """
+    for section, key in (("config", "_split_hash"), ("data_preparation", "split_hash")):
+        block = ckpt.get(section)
+        value = block.get(key) if isinstance(block, Mapping) else None
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def summarize_checkpoint(ckpt: Mapping[str, Any]) -> TeacherSummary:
-    """Read architecture, classes, fold and size from a loaded checkpoint (pure function)."""
+    """Read architecture, classes, fold, size and data hash from a loaded checkpoint (pure)."""
     if "model_state_dict" in ckpt:
         sd = ckpt["model_state_dict"]
         kind = "project" if is_project_checkpoint(dict(ckpt)) else "seed"
@@ -86,9 +106,10 @@ def summarize_checkpoint(ckpt: Mapping[str, Any]) -> TeacherSummary:
     except ValueError:
         model_name = str(name)
     head = next((sd[keys[k]] for k in _HEAD_KEYS if k in keys), None)
+    head_outputs = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.ndim else None
     num_classes = meta.get("num_classes")
-    if num_classes is None and isinstance(head, torch.Tensor):
-        num_classes = int(head.shape[0])
+    if num_classes is None:
+        num_classes = head_outputs
     names = meta.get("class_names")
     config = meta.get("config")
     folder = config.get("_folder") if isinstance(config, Mapping) else None
@@ -100,6 +121,8 @@ def summarize_checkpoint(ckpt: Mapping[str, Any]) -> TeacherSummary:
         class_names=None if names is None else tuple(str(n) for n in names),
         folder=None if folder is None else int(folder),
         img_size=None if img_size is None else int(img_size),
+        split_hash=recorded_split_hash(meta),
+        head_outputs=head_outputs,
     )
 
 
@@ -129,7 +152,60 @@ def summary_problems(
             f"_teacher_ckpt={source!r} has {summary.num_classes} classes, "
             f"the data has {len(class_names)} ({list(class_names)})"
         )
+    claimed = head_claim_problem(summary)
+    if claimed:
+        problems.append(f"_teacher_ckpt={source!r} {claimed}")
     return problems
+
+
+def head_claim_problem(summary: TeacherSummary) -> str | None:
+    """What a checkpoint's classifier weights contradict in its own description, if anything.
+
+    A file that says 8 classes but stores 5-class weights passes every other check
+    and fails only when loaded, inside the run: this catches it with the config.
+    """
+    if summary.head_outputs is None:
+        return None
+    claims = []
+    if summary.num_classes is not None and summary.num_classes != summary.head_outputs:
+        claims.append(f"num_classes={summary.num_classes}")
+    if summary.class_names is not None and len(summary.class_names) != summary.head_outputs:
+        claims.append(f"{len(summary.class_names)} class_names")
+    if not claims:
+        return None
+    return (f"records {' and '.join(claims)} but its classifier weights have "
+            f"{summary.head_outputs} outputs: the file is damaged or mislabelled")
+
+
+def split_findings(
+    source: str, teacher_hash: str | None, data_hash: str, allow_mismatch: bool
+) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)`` about the preparation a teacher was trained on (pure).
+
+    Args:
+        source: the teacher file (named in the lines).
+        teacher_hash: its recorded ``split_hash`` (:attr:`TeacherSummary.split_hash`).
+        data_hash: the ``split_hash`` of this run's prepared data.
+        allow_mismatch: ``_allow_split_mismatch``: a mismatch only warns.
+
+    Another preparation draws another test split, so the teacher's training images
+    may include this run's test images and the student's test metrics inherit that
+    leak. A teacher that records no hash (the seed's files) cannot be checked: warning.
+    """
+    if teacher_hash is None:
+        return [], [f"the teacher {source} records no split_hash (a seed or older checkpoint): "
+                    "nothing shows that its training images exclude this run's test images"]
+    if teacher_hash == data_hash:
+        return [], []
+    hashes = f"split_hash {teacher_hash[:12]}… vs the data's {data_hash[:12]}…"
+    if allow_mismatch:
+        return [], [f"_allow_split_mismatch=True: the teacher {source} was trained on a different "
+                    f"preparation ({hashes}); the test metrics may be optimistic"]
+    return [
+        f"_teacher_ckpt={source!r} was trained on a different preparation ({hashes}): its "
+        "training images may include this run's test images. Use a teacher trained on this "
+        "data, or set _allow_split_mismatch=True if you mean it"
+    ], []
 
 
 @functools.lru_cache(maxsize=4)
