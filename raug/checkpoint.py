@@ -19,7 +19,9 @@ weights_only=True)`` can read (tensors, numbers, strings, lists, dicts only):
 
 ``save_checkpoint`` writes to a temporary file in the same folder, fsyncs it
 and ``os.replace``-s it over the target, so a crash leaves either the previous
-file or the new one, never half of one. ``load_checkpoint`` refuses pickles
+file or the new one, never half of one; a full disk raises
+:class:`raug.atomic.DiskFullError` (one line naming the file and the space left)
+and leaves the previous checkpoint intact. ``load_checkpoint`` refuses pickles
 that would run code (``weights_only=True``) and names the file in every error.
 """
 
@@ -56,9 +58,20 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
     Returns:
         The destination path.
+
+    Raises:
+        DiskFullError: no space left; the previous file at ``path`` is unchanged.
     """
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    return atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write_with(path, lambda tmp: _torch_save(payload, tmp))
+
+
+def _torch_save(payload: dict[str, Any], path: Path) -> None:
+    # Through a Python file object, not a path: torch's own C++ file writer turns a full
+    # disk into "RuntimeError: [enforce fail at inline_container.cc...]" with no errno,
+    # while Python's write keeps the OSError(ENOSPC) in the exception chain.
+    with open(path, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
