@@ -17,6 +17,13 @@ active only when the command line names no observer (``-F DIR``, ``-m URL``,
 path values given on the command line are resolved against the repository
 root too, and under torchrun only rank 0 records a Sacred run.
 
+One run per ``_save_folder`` at a time: the main command holds an exclusive lock on
+``<_save_folder>/.lock`` (:mod:`raug.runlock`) from before Sacred creates the run folder
+until the run ends; a second run (or ``_resume=True``) into a folder whose run is alive
+stops at once with a one-line :class:`raug.config.ConfigError` naming the holder, and so
+does a folder that cannot be written. A full disk ends the run with a one-line
+:class:`StorageError`; the checkpoints already written stay intact.
+
 :func:`run_training` is everything after the config: data, task, the
 :func:`raug.engine.fit` loop, evaluation of the best checkpoint on the
 validation fold and the test set, files and Sacred artifacts.
@@ -26,8 +33,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -41,7 +50,11 @@ import torch
 from sacred import Experiment
 from sacred.dependencies import gather_sources_and_dependencies
 from sacred.observers import FileStorageObserver, RunObserver
+from sacred.serializer import flatten
+from sacred.utils import SacredError
 
+from raug import runlock
+from raug.atomic import DiskFullError, atomic_write_bytes, atomic_write_with
 from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
 from raug.config import (
     COMPLETED_MARKER,
@@ -112,13 +125,58 @@ class ProgressBarFilter:
 # ----------------------------------------------------------------------------- experiment
 
 
+class StorageError(SacredError, OSError):
+    """A run cannot write its files (disk full); Sacred prints the one-line message only.
+
+    Also an ``OSError`` (``errno`` of the cause), so callers that handle file-system
+    errors catch it; the full chain stays in the Sacred run's ``fail_trace``.
+    """
+
+    def __init__(self, message: str, errno_: int | None = None):
+        """One line naming the folder; ``errno_`` of the underlying error."""
+        SacredError.__init__(self, message, print_traceback=False)
+        self.errno = errno_
+
+
+class AtomicFileStorageObserver(FileStorageObserver):
+    """Sacred's FileStorageObserver with atomic JSON writes and artifact copies.
+
+    Sacred rewrites ``run.json`` (every heartbeat) and ``metrics.json`` in place: a full
+    disk or a kill during the write leaves them cut (at 4096 bytes, a buffer's worth),
+    and a cut ``metrics.json`` makes every later metrics event fail. Written atomically,
+    they hold the previous complete version instead. No fsync (they are rewritten every
+    few seconds; a crash of the process, not of the machine, is what this guards).
+    """
+
+    def save_json(self, obj, filename):
+        """Atomically write ``obj`` as Sacred does (flattened, sorted, indented)."""
+        text = json.dumps(flatten(obj), sort_keys=True, indent=2)
+        atomic_write_bytes(Path(self.dir) / filename, text.encode("utf-8"), durable=False)
+
+    def save_file(self, filename, target_name=None):
+        """Copy an artifact into the run folder atomically (a full disk leaves no half copy)."""
+        target_name = target_name or os.path.basename(filename)
+        if target_name in ("run.json", "config.json", "cout.txt", "metrics.json"):
+            super().save_file(filename, target_name)  # Sacred's refusal of its own files
+            return
+        source, dest = Path(filename), Path(self.dir) / target_name
+        if source.resolve() == dest.resolve():
+            return
+        atomic_write_with(dest, lambda tmp: shutil.copyfile(source, tmp), durable=False)
+
+
 class SaveFolderObserver(RunObserver):
     """FileStorageObserver under ``config["_save_folder"]``, unless the CLI chose observers.
 
     Added to every experiment in code. At the start event it looks at the
     parsed command-line options: if ``-F``/``-m``/... were given it stays
-    silent; otherwise it creates a ``FileStorageObserver(_save_folder)`` and
-    forwards every event to it.
+    silent; otherwise it creates an :class:`AtomicFileStorageObserver` under
+    ``_save_folder`` and forwards every event to it.
+
+    A record that cannot be written (disk full) never hides the run's own outcome: a
+    failed start raises a one-line :class:`StorageError`; a later failed write is one
+    warning line (the record catches up at the next event that fits) instead of
+    Sacred's traceback per event.
     """
 
     priority = 20
@@ -126,17 +184,38 @@ class SaveFolderObserver(RunObserver):
     def __init__(self) -> None:
         """Start inactive; :meth:`started_event` decides."""
         self.delegate: FileStorageObserver | None = None
+        self._warned = False
 
     def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
         """Create the delegate under ``_save_folder`` when no observer was requested."""
+        self.delegate = None
         options = meta_info.get("options", {}) or {}
         if any(options.get(flag) for flag in OBSERVER_FLAGS):
-            self.delegate = None
             return None
-        self.delegate = FileStorageObserver(str(resolve_repo_path(config["_save_folder"])))
-        return self.delegate.started_event(
-            ex_info, command, host_info, start_time, config, meta_info, _id
-        )
+        folder = resolve_repo_path(config["_save_folder"])
+        delegate = AtomicFileStorageObserver(str(folder))
+        try:
+            run_id = delegate.started_event(
+                ex_info, command, host_info, start_time, config, meta_info, _id
+            )
+        except OSError as exc:
+            # Without this the run fails twice: here, then in Sacred's failed event on a
+            # delegate that never started (a TypeError on its missing run entry).
+            raise StorageError(f"cannot record the Sacred run in {folder}: {exc}",
+                               exc.errno) from exc
+        self.delegate = delegate
+        return run_id
+
+    def _forward(self, method: str, *args: Any) -> None:
+        if self.delegate is None:
+            return
+        try:
+            getattr(self.delegate, method)(*args)
+        except OSError as exc:
+            if not self._warned:
+                log.warning("the Sacred record in %s is not updated (%s): %s",
+                            self.delegate.dir, method, exc)
+                self._warned = True
 
     def queued_event(self, *args, **kwargs):
         """Queueing is not supported by the default observer (use -F with -q)."""
@@ -144,38 +223,31 @@ class SaveFolderObserver(RunObserver):
 
     def heartbeat_event(self, info, captured_out, beat_time, result):
         """Forward."""
-        if self.delegate:
-            self.delegate.heartbeat_event(info, captured_out, beat_time, result)
+        self._forward("heartbeat_event", info, captured_out, beat_time, result)
 
     def completed_event(self, stop_time, result):
         """Forward."""
-        if self.delegate:
-            self.delegate.completed_event(stop_time, result)
+        self._forward("completed_event", stop_time, result)
 
     def interrupted_event(self, interrupt_time, status):
         """Forward."""
-        if self.delegate:
-            self.delegate.interrupted_event(interrupt_time, status)
+        self._forward("interrupted_event", interrupt_time, status)
 
     def failed_event(self, fail_time, fail_trace):
         """Forward."""
-        if self.delegate:
-            self.delegate.failed_event(fail_time, fail_trace)
+        self._forward("failed_event", fail_time, fail_trace)
 
     def resource_event(self, filename):
         """Forward."""
-        if self.delegate:
-            self.delegate.resource_event(filename)
+        self._forward("resource_event", filename)
 
     def artifact_event(self, name, filename, metadata=None, content_type=None):
         """Forward."""
-        if self.delegate:
-            self.delegate.artifact_event(name, filename, metadata, content_type)
+        self._forward("artifact_event", name, filename, metadata, content_type)
 
     def log_metrics(self, metrics_by_name, info):
         """Forward."""
-        if self.delegate:
-            self.delegate.log_metrics(metrics_by_name, info)
+        self._forward("log_metrics", metrics_by_name, info)
 
 
 def resolve_path_updates(
@@ -225,6 +297,10 @@ class RaugExperiment(Experiment):
       (``run.config``); :func:`run_training` resolves ``_base_path`` and
       ``_save_folder`` again, and the KD code resolves its paths where it uses them.
     * On a torchrun rank > 0 every run is created with :func:`worker_options`.
+    * The main command takes the ``_save_folder`` lock (:func:`lock_save_folder`) once the
+      config is built and validated (config hooks) and before the run starts (before any
+      observer creates ``<_save_folder>/<id>/``), and releases it when the run ends; under
+      torchrun rank 0 alone takes it. A refusal leaves nothing behind.
     """
 
     def __init__(self, name: str, *, path_keys: Iterable[str] = (), **kwargs: Any):
@@ -242,7 +318,53 @@ class RaugExperiment(Experiment):
                                   meta_info, options)
         # Values from a named config file bypass config_updates: fix the recorded config too.
         run.config.update(resolve_path_updates(run.config, self.path_keys))
+        folder = run.config.get("_save_folder")
+        is_main_command = run.meta_info.get("command") == self.default_command
+        if is_main_command and get_rank() == 0 and isinstance(folder, str) and folder:
+            run.raug_lock = lock_save_folder(folder)
         return run
+
+    def run(self, command_name=None, config_updates=None, named_configs=(), info=None,
+            meta_info=None, options=None):
+        """Sacred's ``run``, releasing the ``_save_folder`` lock when the run ends."""
+        run = self._create_run(command_name, config_updates, named_configs, info, meta_info,
+                               options)
+        try:
+            run()
+        finally:
+            lock = getattr(run, "raug_lock", None)
+            if lock is not None:
+                lock.release()
+        return run
+
+
+def lock_save_folder(save_folder: str | os.PathLike) -> runlock.RunLock | None:
+    """Take the run's exclusive lock on ``save_folder``; ``None`` if this process holds it.
+
+    Returns:
+        The new lock (the caller releases it), or ``None`` when this process already holds
+        it (the experiment took it before :func:`run_training`).
+
+    Raises:
+        ConfigError: another live process holds the folder (its pid, host, start and
+            command line are named), or the folder or its lock file cannot be created.
+    """
+    folder = resolve_repo_path(save_folder)
+    if runlock.held_lock(folder) is not None:
+        return None
+    try:
+        return runlock.acquire(folder)
+    except runlock.FolderInUseError as exc:
+        raise ConfigError(
+            f"_save_folder={folder} is in use by a running run ({exc.holder.describe()}); "
+            "wait for it to finish or choose another _save_folder=<new folder>"
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"_save_folder={folder} cannot be written ({reason}: {exc.filename or folder}); "
+            "choose a writable _save_folder=<folder>"
+        ) from None
 
 
 def make_experiment(
@@ -437,8 +559,13 @@ def run_training(
     validate_config(config, extra_checks, check_files=True)
     env, device = init_distributed(config["_device"])
     set_gather_embeddings(bool(config.get("_gather_embeddings", False)))
+    lock = None
     try:
+        # Programmatic callers get the experiment's guarantee too: one writer per folder.
+        lock = lock_save_folder(config["_save_folder"]) if env.is_main else None
         return _train_and_finish(_run, config, build_task, env, device, optimizer, scheduler)
+    except DiskFullError as exc:
+        raise StorageError(disk_full_message(exc, config["_save_folder"]), exc.errno) from exc
     except BaseException:
         if env.is_distributed:
             # Sacred records rank 0's failure only; torchrun then stops the other ranks.
@@ -446,7 +573,17 @@ def run_training(
                           env.rank, env.world_size)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         teardown()
+
+
+def disk_full_message(exc: DiskFullError, save_folder: str | os.PathLike) -> str:
+    """One line: what could not be written, the space left, and what survives."""
+    last = Path(save_folder) / FitSettings.last_path
+    kept = (f"the last good checkpoint {last} is intact: free some space, then continue "
+            "with _resume=True" if last.is_file() else "no checkpoint was written yet")
+    return f"{exc}; the run stopped, {kept}"
 
 
 def _train_and_finish(_run, config, build_task, env: DistEnv, device, optimizer, scheduler):
