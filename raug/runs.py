@@ -17,6 +17,10 @@ reads a MongoObserver database instead (default db ``sacred``). Columns:
 * ``split_hash``: the prepared split the run trained on (Sacred run info, written by
   :func:`raug.experiment.run_training`; ``None`` for runs that predate it).
 
+A run whose ``run.json`` or ``config.json`` cannot be read (cut by a full disk or a kill
+while Sacred rewrote it) is left out of the table, not fatal to it: the command prints
+one ``skipped`` line per such run on stderr and the table of the others.
+
 With ``--group-by KEY [KEY ...]`` the command prints a comparison table instead
 (:mod:`raug.aggregate`): mean ± sample sd (ddof=1) and n of ``--metrics`` per
 group of COMPLETED runs, the checkpoint the numbers come from, the runs left out,
@@ -34,9 +38,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +51,8 @@ import pandas as pd
 
 from raug import aggregate
 from raug.config import COMPLETED_MARKER
+
+log = logging.getLogger(__name__)
 
 DISPLAY_COLUMNS = (
     "id", "folder", "script", "status", "start", "duration_s", "_model_name", "_model_name_student",
@@ -67,7 +75,7 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or UTF-8 cut mid-character
         raise ValueError(f"cannot read {path}: {exc}") from exc
 
 
@@ -141,13 +149,28 @@ def mongo_db_name(url: str) -> str:
     return urlsplit(url).path.strip("/") or DEFAULT_MONGO_DB
 
 
-def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+@dataclass(frozen=True)
+class SkippedRun:
+    """A run folder left out of the table, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        """``skipped run /r/x/3: cannot read /r/x/3/run.json: ...`` (one line)."""
+        return f"skipped run {self.path}: {self.reason}"
+
+
+def load_runs(paths: str | Path | Iterable[str | Path],
+              skipped: list[SkippedRun] | None = None) -> pd.DataFrame:
     """One row per Sacred run found under ``paths``.
 
     Args:
         paths: a folder or folders (e.g. ``results/``), searched recursively for
             FileStorage runs (a run folder itself works too), and/or MongoDB URLs
             ``mongodb://host:port[/db]`` (default db ``sacred``).
+        skipped: receives the runs left out because their ``run.json`` or
+            ``config.json`` cannot be read (default: each is logged as a warning).
 
     Returns:
         A DataFrame sorted by start time. Columns: ``id``, ``folder``, ``path``,
@@ -159,7 +182,6 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: a folder does not exist.
-        ValueError: a ``run.json``/``config.json`` cannot be read (names the file).
     """
     if isinstance(paths, str | Path):
         paths = [paths]
@@ -168,10 +190,17 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     folders = [p for p in paths if not is_mongo_url(p)]
     rows = []
     for run_dir in find_run_dirs(folders):
-        run = _read_json(run_dir / "run.json")
-        config = _read_json(run_dir / "config.json")
-        info = _read_json(run_dir / "info.json") if (run_dir / "info.json").is_file() else {}
-        row = run_row(run, config, run_dir.name, str(run_dir), info if isinstance(info, Mapping) else {})
+        try:
+            run, config = _read_record(run_dir)
+        except ValueError as exc:
+            note = SkippedRun(run_dir, str(exc))
+            if skipped is None:
+                log.warning("%s", note)
+            else:
+                skipped.append(note)
+            continue
+        info = _read_optional_json(run_dir / "info.json")
+        row = run_row(run, config, run_dir.name, str(run_dir), info)
         if row["status"] == "COMPLETED":
             row.update({k: v for k, v in _completed_metrics(config, run_dir.name).items() if k not in row})
         rows.append(row)
@@ -179,6 +208,33 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     if len(frames) > 1:
         return _frame(pd.concat(frames, ignore_index=True).to_dict("records"))
     return frames[0] if frames else _frame([])
+
+
+def _read_record(run_dir: Path) -> tuple[dict, dict]:
+    """``run.json`` and ``config.json`` of a run folder, both JSON objects.
+
+    Raises:
+        ValueError: either is unreadable, cut, or not an object (names the file).
+    """
+    record = []
+    for name in ("run.json", "config.json"):
+        data = _read_json(run_dir / name)
+        if not isinstance(data, dict):
+            raise ValueError(f"{run_dir / name} holds a {type(data).__name__}, not a JSON object")
+        record.append(data)
+    return record[0], record[1]
+
+
+def _read_optional_json(path: Path) -> dict:
+    # info.json only adds split_hash: a cut one costs that column, not the run's row.
+    if not path.is_file():
+        return {}
+    try:
+        data = _read_json(path)
+    except ValueError as exc:
+        log.warning("%s (its run is listed without it)", exc)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_runs_mongo(url: str, db_name: str = DEFAULT_MONGO_DB) -> pd.DataFrame:
@@ -274,13 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and not args.group_by:
         parser.error("--plot needs --group-by")
 
+    skipped: list[SkippedRun] = []
     try:
-        frame = load_runs_mongo(args.mongo, args.db) if args.mongo else load_runs(args.folders)
+        frame = load_runs_mongo(args.mongo, args.db) if args.mongo else load_runs(args.folders, skipped)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for note in skipped:  # before the table: a reader sees what is missing from it
+        print(note, file=sys.stderr)
     if frame.empty:
-        print("no Sacred runs found", file=sys.stderr)
+        print("no readable Sacred runs found" if skipped else "no Sacred runs found", file=sys.stderr)
         return 1
     if args.group_by:
         return grouped_main(frame, args)

@@ -97,3 +97,28 @@ def test_markdown_cells():
 def test_mongo_reader():
     frame = load_runs_mongo(os.environ["MONGO_URL"], os.environ.get("MONGO_DB", "sacred"))
     assert {"id", "script", "status", "start"} <= set(frame.columns)
+
+
+def test_a_cut_run_json_is_skipped_and_reported_not_fatal(results, capsys):
+    # A full disk or a kill while Sacred rewrote run.json in place leaves it cut (here at 4096
+    # bytes); the table of every other run must still come out.
+    cut = fake_run(results / "dkd", 3, "isic_d_kd", "RUNNING", {"_folder": 4})
+    run = {**json.loads((cut / "run.json").read_text()), "fail_trace": ["x" * 5000]}
+    (cut / "run.json").write_text(json.dumps(run)[:4096])
+    (results / "dkd" / "1" / "config.json").write_text("[1, 2]")  # valid JSON, not a config
+    skipped = []
+    frame = load_runs(results, skipped)
+    assert list(frame["status"]) == ["COMPLETED", "RUNNING"]
+    assert [s.path for s in skipped] == [results / "dkd" / "1", cut]
+    assert "config.json holds a list, not a JSON object" in skipped[0].reason
+    assert skipped[1].reason.startswith(f"cannot read {cut / 'run.json'}: ")
+
+    assert main([str(results)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [str(s) for s in skipped]
+    assert [line.split()[3] for line in captured.out.splitlines()[1:]] == ["COMPLETED", "RUNNING"]
+
+    for run_dir in (results / "isic_teacher_fold2" / "1", results / "dkd" / "2"):
+        (run_dir / "run.json").write_text("")
+    assert main([str(results)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "no readable Sacred runs found"
