@@ -273,7 +273,8 @@ def closest_keys(key: str, known: Collection[str], limit: int = 3) -> list[str]:
     Leading underscores and case are ignored, and :data:`KEY_ALIASES` count as names
     of their keys. The keys that start with ``key`` win when there are at most
     ``limit`` of them (``_lr`` -> ``_lr_init``); otherwise the closest spelling by
-    :func:`difflib.get_close_matches` (``_batchsize`` -> ``_batch_size``).
+    :func:`difflib.get_close_matches` (``_batchsize`` -> ``_batch_size``). A
+    one-letter key is too short to be anyone's prefix (``_T`` is not ``_tf_T``).
     """
     names = {alias: target for alias, target in KEY_ALIASES.items() if target in known}
     names.update({_bare(k): k for k in known})
@@ -281,7 +282,7 @@ def closest_keys(key: str, known: Collection[str], limit: int = 3) -> list[str]:
     if not bare:
         return []
     starting = sorted({target for name, target in names.items() if name.startswith(bare)})
-    if 0 < len(starting) <= limit:
+    if len(bare) > 1 and 0 < len(starting) <= limit:
         return starting
     return [names[name] for name in difflib.get_close_matches(bare, names, n=1, cutoff=0.6)]
 

@@ -47,6 +47,11 @@ def test_closest_keys_names_the_key_probably_meant(key, meant):
     assert closest_keys(key, KNOWN) == meant
 
 
+def test_one_letter_is_nobodys_prefix():
+    assert closest_keys("_T", {"_teacher_ckpt", "_tf_T", "_kd_T"}) == []
+    assert closest_keys("_t", {"_T", "_lambd"}) == ["_T"]  # exact, once case is ignored
+
+
 def test_unknown_keys_give_one_line_each_with_the_value_and_a_suggestion():
     config = {**SHARED_CONFIG, "_lr": -1, "_xyz": "a"}
     assert unknown_key_problems(config, KNOWN) == [
