@@ -20,6 +20,18 @@ Rerunning the same command finishes an interrupted sweep. Per save folder
   ``DIR/_stale/<name>-<UTC time>`` and the run starts afresh;
 * otherwise (nothing, or only failed attempts) -> a new run.
 
+Never two writers in one folder. A save folder whose lock (:mod:`raug.runlock`) is
+held by a live run (started by hand, or an orphan of a sweep killed on a system without
+parent-death signals) is ``busy``: the sweep waits up to :data:`BUSY_WAIT_S` for it to
+end, then leaves the combination alone (reported, exit 1; rerun the sweep later). A
+combination that became free is re-examined first (it may be COMPLETED by now). The
+sweep itself holds the lock of ``--out``: a second sweep into the same folder is refused.
+
+The runs die with the sweep: on Linux each child asks the kernel for SIGTERM when the
+sweep dies (``PR_SET_PDEATHSIG``), which covers even ``kill -9`` of the sweep; a SIGTERM
+or Ctrl-C of the sweep also stops the current run (everywhere). The killed run resumes
+from its last checkpoint when the sweep is rerun.
+
 Grid values are parsed like Sacred parses ``with`` values (a Python literal,
 else a plain string) and passed back as Python literals, so
 ``--grid _kd_method=none,d_kd`` needs no shell quoting. ``--teachers DIR``
@@ -31,17 +43,21 @@ from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
+import functools
 import itertools
 import json
 import math
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -49,6 +65,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 
+from raug import runlock
 from raug.config import COMPLETED_MARKER, REPO_ROOT, SHARED_CONFIG, finished_run_markers
 from raug.runs import find_run_dirs, load_runs
 
@@ -60,6 +77,8 @@ LAST_CHECKPOINT = Path("last-checkpoint") / "last-checkpoint.pth"
 BEST_CHECKPOINT = Path("best-checkpoint") / "best-checkpoint.pth"
 LOG_NAME = "sweep.log"
 STALE_DIR = "_stale"
+BUSY_WAIT_S = 10.0  # how long a busy save folder is waited for (a dying orphan needs a moment)
+STOP_GRACE_S = 10.0  # a stopped run's time to record itself before SIGKILL
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -224,6 +243,7 @@ class State(StrEnum):
     RESUME = "resume"
     STALE = "stale"
     RETRY = "retry"
+    BUSY = "busy"
 
 
 @dataclass(frozen=True)
@@ -254,6 +274,9 @@ def folder_state(folder: str | Path) -> FolderState:
     folder = Path(folder)
     if not folder.is_dir():
         return FolderState(State.NEW, "no folder yet")
+    who = runlock.holder(folder)
+    if who is not None:
+        return FolderState(State.BUSY, f"in use by {who.describe()}")
     try:
         runs = load_runs(folder)
     except ValueError:
@@ -330,12 +353,17 @@ def _is_whole(value: Any) -> bool:
 
 @dataclass
 class PlannedRun:
-    """A combination with its folder, state and command (``None`` when skipped)."""
+    """A combination with its folder, state and command (``None`` when skipped or busy).
+
+    ``make_command(resume)`` rebuilds the command when the folder's state has changed
+    since planning (it was busy).
+    """
 
     combo: Combo
     save_folder: Path
     state: FolderState
     command: list[str] | None
+    make_command: Callable[[bool], list[str]] | None = None
 
 
 def build_command(script: Path, combo: Combo, save_folder: Path, overrides: Sequence[str],
@@ -396,26 +424,78 @@ def plan_sweep(
     for combo in plan_combos(folds, seeds, grid):
         save_folder = out / combo.name
         state = folder_state(save_folder)
+        # make_command(resume) -> the command line; kept for a folder that is busy now.
+        make_command = functools.partial(build_command, script, combo, save_folder, overrides,
+                                         teacher_map.get((combo.fold, combo.seed)))
         command = None
-        if state.state is not State.COMPLETED:
-            command = build_command(script, combo, save_folder, overrides,
-                                    teacher_map.get((combo.fold, combo.seed)),
-                                    resume=state.state is State.RESUME)
-        plan.append(PlannedRun(combo, save_folder, state, command))
+        if state.state not in (State.COMPLETED, State.BUSY):
+            command = make_command(state.state is State.RESUME)
+        plan.append(PlannedRun(combo, save_folder, state, command, make_command))
     return plan
 
 
 Runner = Callable[[list[str], Path], int]
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel SIGTERM the child when this process dies.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); it is what stops a run when the sweep is
+    killed with ``kill -9``, which no handler in the sweep can see. ``None`` elsewhere:
+    there only a SIGTERM / Ctrl-C of the sweep stops its run (:func:`subprocess_runner`).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the sweep died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a run the sweep is leaving: a grace period, then SIGTERM, then SIGKILL.
+
+    The grace period is for a Ctrl-C, which reached the run too: Sacred then records the
+    run as INTERRUPTED by itself.
+    """
+    for action in (None, proc.terminate, proc.kill):
+        if action is not None:
+            action()
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def subprocess_runner(command: list[str], log_path: Path) -> int:
-    """Run ``command``, appending its stdout and stderr to ``log_path``; returns the exit code."""
+    """Run ``command``, appending its stdout and stderr to ``log_path``; returns the exit code.
+
+    The child dies with the sweep (see :func:`_die_with_parent`); if the sweep is
+    interrupted while waiting (Ctrl-C, SIGTERM), the child is stopped before it returns.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log:
         log.write(f"\n===== {datetime.now(UTC).isoformat(timespec='seconds')} {shlex.join(command)}\n")
         log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, check=False).returncode
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent())
+        try:
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                _stop(proc)
 
 
 @dataclass
@@ -425,18 +505,22 @@ class SweepReport:
     completed: list[str]
     skipped: list[str]
     failed: list[str]
+    busy: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0 when nothing failed, else 1."""
-        return 1 if self.failed else 0
+        """0 when every run is COMPLETED, else 1 (some failed or were busy)."""
+        return 1 if self.failed or self.busy else 0
 
     def summary(self) -> str:
-        """One line, then one line per failed run."""
-        total = len(self.completed) + len(self.skipped) + len(self.failed)
+        """One line, then one line per failed or busy run."""
+        total = len(self.completed) + len(self.skipped) + len(self.failed) + len(self.busy)
         head = (f"sweep: {total} runs: {len(self.completed)} completed now, {len(self.skipped)} "
                 f"skipped (already COMPLETED), {len(self.failed)} failed")
-        return "\n".join([head, *(f"  FAILED: {f}" for f in self.failed)])
+        if self.busy:
+            head += f", {len(self.busy)} busy (not started: another run writes there)"
+        return "\n".join([head, *(f"  FAILED: {f}" for f in self.failed),
+                          *(f"  BUSY: {b}" for b in self.busy)])
 
 
 def _failure_hint(folder: Path, before: set[Path]) -> str:
@@ -446,24 +530,57 @@ def _failure_hint(folder: Path, before: set[Path]) -> str:
     return f"{hint} (Sacred run {new[-1]})" if new else hint
 
 
+def _wait_until_free(folder: Path, wait_s: float) -> bool:
+    """Whether ``folder``'s run lock is free within ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while runlock.is_locked(folder):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _recheck(item: PlannedRun) -> PlannedRun:
+    """``item`` with its state and command taken afresh (a live run there has just ended)."""
+    state = folder_state(item.save_folder)
+    command = None
+    if state.state not in (State.COMPLETED, State.BUSY):
+        resume = state.state is State.RESUME
+        command = item.make_command(resume) if item.make_command else item.command
+    return PlannedRun(item.combo, item.save_folder, state, command, item.make_command)
+
+
 def run_sweep(plan: Sequence[PlannedRun], out: str | Path, runner: Runner = subprocess_runner,
-              stream: TextIO | None = None) -> SweepReport:
+              stream: TextIO | None = None, busy_wait_s: float | None = None) -> SweepReport:
     """Run the planned combinations one after the other; a failure does not stop the sweep.
 
     Each run prints ``[i/N] fold F seed S ... `` when it starts and its outcome
     (``COMPLETED in 41 s`` / ``FAILED (exit 1), see <save folder>/sweep.log``) when it ends.
+    A save folder that a live run holds is waited for up to ``busy_wait_s``, then left
+    alone (``busy: in use by pid ...``); one that became free is re-examined first.
 
     Args:
         plan: from :func:`plan_sweep`.
         out: the sweep folder (stale folders are moved below it).
         runner: ``(command, log_path) -> exit code`` (tests swap it).
         stream: where progress lines go (default: stdout).
+        busy_wait_s: how long to wait for a busy save folder (default :data:`BUSY_WAIT_S`).
     """
     stream = stream or sys.stdout
+    busy_wait_s = BUSY_WAIT_S if busy_wait_s is None else busy_wait_s
     out = Path(out).expanduser().resolve()
     report = SweepReport([], [], [])
     for i, item in enumerate(plan, start=1):
         print(f"[{i}/{len(plan)}] {item.combo.label} ...", end=" ", file=stream, flush=True)
+        if item.state.state is State.BUSY or runlock.is_locked(item.save_folder):
+            if _wait_until_free(item.save_folder, busy_wait_s):
+                item = _recheck(item)
+            if item.state.state is State.BUSY or runlock.is_locked(item.save_folder):
+                who = runlock.holder(item.save_folder) or runlock.LockHolder()
+                print(f"busy: in use by {who.describe()}; not started (rerun the sweep once "
+                      "that run has ended)", file=stream, flush=True)
+                report.busy.append(item.combo.label)
+                continue
         if item.command is None:
             print("skipped (already COMPLETED)", file=stream, flush=True)
             report.skipped.append(item.combo.label)
@@ -543,13 +660,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(describe_plan(plan))
         return 0
+    out = Path(args.out).expanduser().resolve()
     try:
-        report = run_sweep(plan, args.out)
+        lock = runlock.acquire(out)
+    except runlock.FolderInUseError as exc:
+        print(f"error: --out {out} is in use by another sweep ({exc.holder.describe()}); "
+              "wait for it to finish", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: --out {out} cannot be written ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        # Planned again under the lock: a sweep that held it until now may have changed folders.
+        plan = plan_sweep(args.script, args.folds, args.seeds, out, grid, overrides, args.teachers)
+        report = run_sweep(plan, out)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to finish the sweep", file=sys.stderr)
         return 130
-    print(report.summary(), file=sys.stderr if report.failed else sys.stdout)
+    except _Terminated:
+        print("\nterminated: the current run was stopped; rerun the same command to finish "
+              "the sweep", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        lock.release()
+    print(report.summary(), file=sys.stderr if report.exit_code else sys.stdout)
     return report.exit_code
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the sweep (raised by its handler, so the current run is stopped too)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 __all__ = [

@@ -4,14 +4,19 @@ import contextlib
 import io
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_runlock import kill, start_holder
 
+from raug import runlock
 from raug.checkpoint import load_checkpoint
 from raug.isic2019 import split_hash
 from raug.runs import load_runs
@@ -299,6 +304,120 @@ def test_teacher_per_fold(tmp_path, fake_script):
         plan_sweep(kd_script, [2], [0], tmp_path / "out", overrides=["_teacher_ckpt=x"], teachers=teachers)
     with pytest.raises(SweepError, match="--teachers is for the KD scripts"):
         plan_sweep(fake_script, [2], [0], tmp_path / "out", teachers=teachers)
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+
+# A run that holds its save folder's lock like the engine does, reports its pid, then trains
+# (sleeps) for a minute.
+SLEEPY_SCRIPT = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+    from raug import runlock
+    args = dict(a.split("=", 1) for a in sys.argv[sys.argv.index("with") + 1:] if "=" in a)
+    save = Path(args["_save_folder"].strip('"'))
+    lock = runlock.acquire(save)
+    (save / "child.pid").write_text(str(__import__("os").getpid()))
+    time.sleep(60)
+''')
+
+
+def is_dead(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie has released everything, its lock included
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
+def test_kill_minus_9_of_the_sweep_takes_its_run_with_it(tmp_path):
+    script = tmp_path / "sleepy.py"
+    script.write_text(SLEEPY_SCRIPT)
+    out = tmp_path / "sweep"
+    sweep = subprocess.Popen([sys.executable, str(REPO / "tools" / "sweep.py"), str(script),
+                              "--folds", "1", "--seeds", "0", "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = out / "fold1-seed0" / "child.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        assert sweep.poll() is None
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    try:
+        assert runlock.is_locked(out / "fold1-seed0")
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait()
+        deadline = time.monotonic() + 10
+        while not is_dead(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert is_dead(child), "the sweep's run outlived the sweep"
+        assert not runlock.is_locked(out / "fold1-seed0")
+        assert not runlock.is_locked(out)  # the sweep's own lock died with it too
+    finally:
+        kill(child)
+
+
+def test_a_rerun_never_starts_a_second_writer_into_a_live_run(tmp_path, fake_script, capsys,
+                                                               monkeypatch):
+    out = tmp_path / "sweep"
+    args = [str(fake_script), "--folds", "1", "--seeds", "0", "--out", str(out), "--", "crash_fold=1"]
+    assert main(args) == 1  # leaves a last checkpoint: the rerun would resume
+    folder = out / "fold1-seed0"
+    capsys.readouterr()
+    orphan, _ = start_holder(folder)  # e.g. the run of a sweep killed where no parent-death signal exists
+    try:
+        assert main([*args[:-2], "--dry-run"]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == (
+            f"[1/1] fold 1 seed 0: busy (in use by {runlock.holder(folder).describe()})")
+        monkeypatch.setattr("raug.sweep.BUSY_WAIT_S", 0.3)
+        assert main(args[:-2]) == 1
+        captured = capsys.readouterr()
+        assert captured.out.splitlines() == [
+            f"[1/1] fold 1 seed 0 ... busy: in use by pid {orphan.pid} on host "
+            f"{runlock.holder(folder).host}, started {runlock.holder(folder).started}: "
+            f"{runlock.holder(folder).command}; not started (rerun the sweep once that run has ended)"]
+        assert captured.err.splitlines() == [
+            "sweep: 1 runs: 0 completed now, 0 skipped (already COMPLETED), 0 failed, 1 busy "
+            "(not started: another run writes there)", "  BUSY: fold 1 seed 0"]
+        assert not (folder / "argv-2.json").exists()  # nothing was started
+    finally:
+        kill(orphan.pid)
+        orphan.wait()
+    assert main(args[:-2]) == 0
+    assert argv_of(folder, 2)[-1] == "_resume=True"
+
+
+def test_a_run_that_ends_while_the_sweep_waits_is_examined_afresh(tmp_path, fake_script, capsys):
+    out = tmp_path / "sweep"
+    folder = out / "fold1-seed0"
+    orphan, _ = start_holder(folder)
+    plan = plan_sweep(fake_script, [1], [0], out)
+    assert plan[0].state.state is State.BUSY
+    assert plan[0].command is None
+    (folder / "last-checkpoint").mkdir()  # what the live run leaves when it ends
+    (folder / "last-checkpoint" / "last-checkpoint.pth").write_bytes(b"last")
+    threading.Timer(0.5, orphan.kill).start()
+    report = run_sweep(plan, out, busy_wait_s=30)
+    orphan.wait()
+    assert report.exit_code == 0
+    assert "resuming from last-checkpoint/last-checkpoint.pth ... COMPLETED in " in capsys.readouterr().out
+    assert argv_of(folder, 1)[-1] == "_resume=True"
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path, fake_script, capsys):
+    out = tmp_path / "sweep"
+    other, _ = start_holder(out)  # a sweep already running there
+    try:
+        assert main([str(fake_script), "--folds", "1", "--seeds", "0", "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --out {out} is in use by another sweep ({runlock.holder(out).describe()}); "
+            "wait for it to finish\n")
+        assert not (out / "fold1-seed0").exists()
+    finally:
+        kill(other.pid)
+        other.wait()
 
 
 # ----------------------------------------------------------------------------- a real sweep
