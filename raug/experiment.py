@@ -360,9 +360,12 @@ def lock_save_folder(save_folder: str | os.PathLike) -> runlock.RunLock | None:
             "wait for it to finish or choose another _save_folder=<new folder>"
         ) from None
     except OSError as exc:
-        reason = exc.strerror or str(exc)
+        reason, where = exc.strerror or str(exc), exc.filename or folder
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # mkdir's "File exists" / "Not a directory" would mislead
+            reason, where = "a file is in the way", blocker
         raise ConfigError(
-            f"_save_folder={folder} cannot be written ({reason}: {exc.filename or folder}); "
+            f"_save_folder={folder} cannot be written ({reason}: {where}); "
             "choose a writable _save_folder=<folder>"
         ) from None
 

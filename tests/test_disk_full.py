@@ -239,3 +239,13 @@ def test_unwritable_save_folder_is_refused_before_the_run(tiny, tmp_path, monkey
                                           rf"denied: {folder}\); choose a writable"):
         tiny["ex"].run(config_updates=updates(tiny, folder))
     assert not folder.exists()
+
+
+def test_a_file_in_the_way_of_the_save_folder_is_named(tiny, tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("notes")
+    for folder in (blocker, blocker / "run"):
+        with pytest.raises(ConfigError, match=rf"^_save_folder={folder} cannot be written \(a file is "
+                                              rf"in the way: {blocker}\); choose a writable"):
+            tiny["ex"].run(config_updates=updates(tiny, folder))
+    assert blocker.read_text() == "notes"
