@@ -54,7 +54,14 @@ from sacred.serializer import flatten
 from sacred.utils import SacredError
 
 from raug import runlock
-from raug.atomic import DiskFullError, atomic_write_bytes, atomic_write_with
+from raug.atomic import (
+    DiskFullError,
+    atomic_write_bytes,
+    atomic_write_with,
+    format_bytes,
+    free_bytes,
+    is_disk_full,
+)
 from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
 from raug.config import (
     COMPLETED_MARKER,
@@ -201,8 +208,12 @@ class SaveFolderObserver(RunObserver):
         except OSError as exc:
             # Without this the run fails twice: here, then in Sacred's failed event on a
             # delegate that never started (a TypeError on its missing run entry).
-            raise StorageError(f"cannot record the Sacred run in {folder}: {exc}",
-                               exc.errno) from exc
+            what = f"cannot record the Sacred run in {folder}"
+            if is_disk_full(exc, folder):
+                what = f"disk full: {what} ({format_bytes(free_bytes(folder) or 0)} free)"
+            else:
+                what = f"{what}: {exc}"
+            raise StorageError(what, exc.errno) from exc
         self.delegate = delegate
         return run_id
 

@@ -175,7 +175,18 @@ def acquire(folder: str | os.PathLike, patience_s: float = ACQUIRE_PATIENCE_S) -
             (read-only, permission denied, disk full), with the errno and the path.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _acquire(folder, patience_s)
+    except OSError:
+        for path in created:  # a refused run leaves no empty folders behind (innermost first)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def _acquire(folder: Path, patience_s: float) -> RunLock:
     if fcntl is None:
         return RunLock(folder, None)
     path = folder / LOCK_NAME

@@ -205,11 +205,23 @@ def test_a_failed_start_of_the_sacred_record_is_one_error_not_two(tiny, tmp_path
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "1"))
 
     monkeypatch.setattr(FileStorageObserver, "_make_run_dir", no_space)
-    with pytest.raises(StorageError, match=rf"cannot record the Sacred run in {tmp_path / 'out'}: "):
+    with pytest.raises(StorageError, match=rf"^disk full: cannot record the Sacred run in "
+                                           rf"{tmp_path / 'out'} \([\d.]+ [KMGT]?i?B free\)$"):
         tiny["ex"].run(config_updates=updates(tiny, tmp_path / "out"))
     # Sacred's failed event used to meet a delegate that never started: a second TypeError.
     assert "TypeError" not in caplog.text
     assert not runlock.is_locked(tmp_path / "out")
+
+
+def test_a_disk_full_before_the_run_is_one_line_and_leaves_no_folder(tiny, tmpfs):
+    fs = tmpfs("64k")
+    fill(fs)
+    folder = fs / "results" / "run"
+    with pytest.raises(ConfigError, match=rf"^_save_folder={folder} cannot be written \(No space "
+                                          rf"left on device: {fs / 'results'}"):
+        tiny["ex"].run(config_updates=updates(tiny, folder))
+    assert files(fs) == ["filler"]
+    assert not (fs / "results").exists()
 
 
 # ----------------------------------------------------------------------------- unwritable folder
