@@ -463,15 +463,17 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a run the sweep is leaving: a grace period, then SIGTERM, then SIGKILL.
+def _stop(proc: subprocess.Popen, interrupted: bool) -> None:
+    """Stop a run the sweep is leaving: SIGTERM, then SIGKILL if it lingers.
 
-    The grace period is for a Ctrl-C, which reached the run too: Sacred then records the
-    run as INTERRUPTED by itself.
+    Args:
+        proc: the run.
+        interrupted: a Ctrl-C in the terminal reached the run too: give it time to record
+            itself as INTERRUPTED before SIGTERM.
     """
-    for action in (None, proc.terminate, proc.kill):
-        if action is not None:
-            action()
+    actions = ((lambda: None) if interrupted else proc.terminate, proc.terminate, proc.kill)
+    for action in actions:
+        action()
         try:
             proc.wait(timeout=STOP_GRACE_S)
             return
@@ -493,9 +495,9 @@ def subprocess_runner(command: list[str], log_path: Path) -> int:
                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent())
         try:
             return proc.wait()
-        finally:
-            if proc.poll() is None:
-                _stop(proc)
+        except BaseException as exc:
+            _stop(proc, interrupted=isinstance(exc, KeyboardInterrupt))
+            raise
 
 
 @dataclass

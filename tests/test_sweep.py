@@ -330,14 +330,18 @@ def is_dead(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie has released everything, its lock included
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
-def test_kill_minus_9_of_the_sweep_takes_its_run_with_it(tmp_path):
+@pytest.mark.parametrize("how", [
+    pytest.param(signal.SIGKILL, marks=pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")),
+    signal.SIGTERM,
+])
+def test_a_killed_sweep_takes_its_run_with_it(tmp_path, how):
     script = tmp_path / "sleepy.py"
     script.write_text(SLEEPY_SCRIPT)
     out = tmp_path / "sweep"
     sweep = subprocess.Popen([sys.executable, str(REPO / "tools" / "sweep.py"), str(script),
                               "--folds", "1", "--seeds", "0", "--out", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pid_file = out / "fold1-seed0" / "child.pid"
     deadline = time.monotonic() + 60
     while not pid_file.is_file() or not pid_file.read_text():
@@ -347,8 +351,12 @@ def test_kill_minus_9_of_the_sweep_takes_its_run_with_it(tmp_path):
     child = int(pid_file.read_text())
     try:
         assert runlock.is_locked(out / "fold1-seed0")
-        sweep.send_signal(signal.SIGKILL)
-        sweep.wait()
+        sweep.send_signal(how)
+        err = sweep.communicate(timeout=30)[1]
+        if how == signal.SIGTERM:
+            assert sweep.returncode == 128 + signal.SIGTERM
+            assert err.strip() == ("terminated: the current run was stopped; rerun the same "
+                                   "command to finish the sweep")
         deadline = time.monotonic() + 10
         while not is_dead(child) and time.monotonic() < deadline:
             time.sleep(0.1)
