@@ -48,13 +48,18 @@ from raug.deploy.onnx_backend import OnnxPredictor, read_metadata, softmax
 from raug.deploy.predict import (
     parse_prepare_size,
     predict_batch,
-    predictions_csv,
     resolve_prepare_size,
 )
 from raug.deploy.preprocess import TTA_VIEWS, preprocess, tta_view
 from raug.deploy.quantize import calibration_inputs, quantize_onnx
 from raug.deploy.spec import SpecError, file_sha256, spec_from_checkpoint, spec_from_metadata
-from raug.deploy.synthetic import demo_model, synthetic_batch, synthetic_images
+from raug.deploy.submission import ISIC2019_HEADER, isic2019_csv, predictions_csv
+from raug.deploy.synthetic import (
+    demo_checkpoint_payload,
+    demo_model,
+    synthetic_batch,
+    synthetic_images,
+)
 from raug.deploy.torch_backend import TorchPredictor, load_model
 from raug.image_size import shorter_side_size
 
@@ -64,19 +69,7 @@ SIZE = 64
 
 
 def _payload(model: torch.nn.Module, **overrides) -> dict:
-    payload = {
-        "model_name": "mobilenet",
-        "num_classes": 8,
-        "class_names": CLASSES,
-        "img_size": SIZE,
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "model_state_dict": model.state_dict(),
-        "epoch": 3,
-        "config": {},
-        "metrics": {},
-    }
-    payload.update(overrides)
-    return payload
+    return demo_checkpoint_payload(model, SIZE, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -533,6 +526,64 @@ def test_recorded_preparation_size_is_the_prediction_default(work, model, images
 def test_predictions_csv_text():
     text = predictions_csv(["a", "b"], np.array([[0.25, 0.75], [0.9, 0.1]], np.float32), ["X", "Y"])
     assert text == "image,PRED,X,Y\na,Y,0.25000000,0.75000000\nb,X,0.89999998,0.10000000\n"
+
+
+def test_isic2019_csv_hand_computed():
+    """Columns by name in the challenge's order, ids as given, values clipped to [0, 1], and
+    UNK = 1 - max(p) strictly below the threshold."""
+    probs = np.array([
+        # AK    BCC   BKL   DF    MEL    NV         SCC   VASC
+        [0.10, 0.20, 0.05, 0.05, 0.30, 0.10, 0.10, 0.10],  # top 0.30 < 0.5: UNK 0.70
+        [0.00, 0.00, 0.00, 0.00, -1e-9, 1.0000004, 0.00, 0.00],  # float32 overshoot: clipped
+        [0.50, 0.50, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00],  # top == threshold: not below, UNK 0
+    ])
+    zeros = ",".join(["0.00000000"] * 6)
+    expected = (
+        "image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK\n"
+        "ISIC_1,0.30000000,0.10000000,0.20000000,0.10000000,0.05000000,0.05000000,0.10000000,"
+        "0.10000000,0.70000000\n"
+        f"ISIC_2,0.00000000,1.00000000,{zeros},0.00000000\n"
+        "ISIC_3,0.00000000,0.00000000,0.50000000,0.50000000,0.00000000,0.00000000,0.00000000,"
+        "0.00000000,0.00000000\n"
+    )
+    names = ["ISIC_1", "ISIC_2", "ISIC_3"]
+    assert isic2019_csv(names, probs, CLASSES, unk_threshold=0.5) == expected
+    # the model's column order does not matter: columns are matched by class name
+    order = [7, 6, 5, 4, 3, 2, 1, 0]
+    assert isic2019_csv(names, probs[:, order], [CLASSES[i] for i in order], 0.5) == expected
+    # default: UNK 0 for every image
+    no_unk = isic2019_csv(names, probs, CLASSES)
+    assert no_unk.splitlines()[1].endswith(",0.10000000,0.00000000")
+    with pytest.raises(ValueError, match="ISIC 2019 diagnoses"):
+        isic2019_csv(["x"], np.ones((1, 2)), ["NV", "PSORIASIS"])
+
+
+def test_predict_isic2019_format(work, onnx_fp32, images, capsys):
+    onnx_path, _ = onnx_fp32
+    base = ["--model", str(onnx_path), "--images", str(images), "--no-progress"]
+    assert predict_mod.main([*base, "--out", str(work / "default.csv")]) == 0
+    _, default_rows = _read_csv(work / "default.csv")
+    default = {r[0]: dict(zip(CLASSES, map(float, r[2:]), strict=True)) for r in default_rows}
+    for extra, unk_rule in (([], lambda top: 0.0), (["--unk-threshold", "1"], lambda top: 1 - top)):
+        out = work / "isic.csv"
+        assert predict_mod.main([*base, "--out", str(out), "--format", "isic2019", *extra]) == 0
+        header, rows = _read_csv(out)
+        assert tuple(header) == ISIC2019_HEADER
+        assert [r[0] for r in rows] == [p.stem for p in collect_images([images])]  # no extension
+        for row in rows:
+            values = dict(zip(header[1:], map(float, row[1:]), strict=True))
+            assert all(0.0 <= v <= 1.0 for v in values.values())
+            for name in CLASSES:
+                assert values[name] == pytest.approx(default[row[0]][name], abs=1e-8)
+            top = max(default[row[0]].values())
+            assert values["UNK"] == pytest.approx(unk_rule(top), abs=2e-8)
+    # the threshold belongs to the ISIC format and to [0, 1]
+    assert predict_mod.main([*base, "--out", str(work / "x.csv"), "--unk-threshold", "0.5"]) == 2
+    assert "isic2019" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict_mod.main([*base, "--out", str(work / "x.csv"), "--format", "isic2019",
+                          "--unk-threshold", "1.5"])
+    assert not (work / "x.csv").exists()
 
 
 def test_onnx_predict_runs_with_torch_blocked(work, onnx_fp32, images, tmp_path):

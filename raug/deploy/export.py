@@ -15,6 +15,11 @@ PyTorch model in onnxruntime on random batches of 1 and 3 (max abs difference mu
 Tracing and verification run on the CPU in float32 on purpose -- the artefact is
 device-independent, and the 1e-4 comparison needs reference numbers computed with the same
 arithmetic as onnxruntime's CPU provider.
+
+Before the checkpoint is loaded, the output paths are checked (:mod:`raug.deploy.safety`):
+no output is the checkpoint or lies in the calibration folder, no two outputs coincide, an
+existing file is replaced only when it is an ONNX / TorchScript file of this toolkit (or with
+``--force``), and every output folder is writable.
 """
 
 from __future__ import annotations
@@ -36,15 +41,16 @@ from torch import nn
 
 from raug.atomic import atomic_write_with
 from raug.checkpoint import CheckpointError
+from raug.deploy.filekind import TORCHSCRIPT_META, is_deploy_onnx, is_deploy_torchscript
 from raug.deploy.images import DEFAULT_PREPARE_SIZE
 from raug.deploy.onnx_backend import make_session
 from raug.deploy.predict import AUTO_PREPARE_SIZE, parse_prepare_size
+from raug.deploy.safety import InputGuard, Output, check_outputs, os_error_line
 from raug.deploy.spec import INPUT_NAME, OUTPUT_KINDS, ModelSpec, SpecError, spec_to_metadata
 from raug.deploy.torch_backend import load_model
 
 DEFAULT_TOL = 1e-4
 VERIFY_BATCHES = (1, 3)
-TORCHSCRIPT_META = "ssdkd_deploy.json"
 
 
 class ExportError(RuntimeError):
@@ -264,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         "verified against PyTorch."
     )
     parser.add_argument("--checkpoint", required=True, help="project checkpoint (.pth)")
-    parser.add_argument("--out", required=True, help="ONNX file to write")
+    parser.add_argument(
+        "--out", required=True,
+        help="ONNX file to write (never the checkpoint; an existing file only when this tool "
+        "wrote it, or with --force)",
+    )
     parser.add_argument(
         "--output", choices=OUTPUT_KINDS, default="probs",
         help="graph output: softmax probabilities (default) or logits",
@@ -289,9 +299,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="shrink calibration images like prediction does (default auto: the size recorded "
         f"with the model, else {DEFAULT_PREPARE_SIZE}; 'none' to keep them)",
     )
+    parser.add_argument(
+        "--force", action="store_true",
+        help="replace existing output files this tool did not write (never the checkpoint)",
+    )
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="max abs diff (default 1e-4)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def planned_outputs(
+    out: str | os.PathLike,
+    torchscript: str | os.PathLike | None,
+    int8_out: Path | None,
+    int8_label: str = "--int8-out",
+) -> list[Output]:
+    """The files an export will write, with how to recognise this toolkit's own versions."""
+    outputs = [Output(Path(out), "--out", "an ONNX model", is_deploy_onnx)]
+    if torchscript:
+        outputs.append(
+            Output(Path(torchscript), "--torchscript", "a TorchScript module", is_deploy_torchscript)
+        )
+    if int8_out is not None:
+        outputs.append(Output(int8_out, int8_label, "an ONNX model", is_deploy_onnx))
+    return outputs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,7 +337,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.calibration and not args.quantize:
         print("error: --calibration needs --quantize int8", file=sys.stderr)
         return 2
+    int8_out = None
+    if args.quantize:
+        int8_out = Path(args.int8_out) if args.int8_out else default_int8_path(args.out)
+    folders = [("the calibration folder", Path(args.calibration))] if args.calibration else []
+    guard = InputGuard([("the checkpoint", Path(args.checkpoint))], folders)
     try:
+        int8_label = "--int8-out" if args.int8_out else "the int8 output (--int8-out to rename)"
+        outputs = planned_outputs(args.out, args.torchscript, int8_out, int8_label)
+        check_outputs(outputs, guard, args.force)
         model, spec = load_model(args.checkpoint, "cpu", output_kind=args.output)
         n_params = sum(p.numel() for p in model.parameters())
         print(
@@ -336,12 +375,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.calibration, spec, args.calibration_limit,
                     progress=not args.no_progress, prepare_size=args.prepare_size,
                 )
-            report = quantize_onnx(args.out, args.int8_out or default_int8_path(args.out), calib)
+            report = quantize_onnx(args.out, int8_out, calib)
             print(report.summary(), file=sys.stderr)
     except ExportError as exc:
         print(f"error: verification failed: {exc}", file=sys.stderr)
         return 1
-    except (CheckpointError, SpecError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, SpecError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the file system turned read-only after the checks
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -20,9 +20,11 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
 from raug.atomic import atomic_write_bytes
+from raug.deploy.filekind import OVERLAY_SOFTWARE
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -89,9 +91,14 @@ def save_overlay(
 ) -> Path:
     """Write :func:`overlay` as a PNG, atomically.
 
+    The PNG's ``Software`` text chunk is :data:`~raug.deploy.filekind.OVERLAY_SOFTWARE`, so a
+    later run recognises its own overlays and may replace them (and nothing else).
+
     Returns:
         The written path.
     """
     buf = io.BytesIO()
-    Image.fromarray(overlay(rgb, cam, alpha)).save(buf, format="PNG")
+    info = PngInfo()
+    info.add_text("Software", OVERLAY_SOFTWARE)
+    Image.fromarray(overlay(rgb, cam, alpha)).save(buf, format="PNG", pnginfo=info)
     return atomic_write_bytes(path, buf.getvalue())

@@ -1,9 +1,15 @@
 """Predict skin-lesion classes for image files with a checkpoint or an ONNX model.
 
 ``python tools/predict.py --model FILE(.pth|.onnx) --images PATH [PATH ...] --out preds.csv``
-writes an ISIC-submission-style CSV: ``image`` (file stem), ``PRED`` (class code) and one
-probability column per class in label order. The model's own evaluation preprocessing is read
-from the checkpoint or the ONNX metadata.
+writes a CSV: by default ``image`` (image id), ``PRED`` (class code) and one probability
+column per class in label order; with ``--format isic2019`` the ISIC 2019 challenge submission
+(:mod:`raug.deploy.submission`). The model's own evaluation preprocessing is read from the
+checkpoint or the ONNX metadata.
+
+Before any image is read, every output path is checked (:mod:`raug.deploy.safety`): an output
+never replaces an input, the model or a file in the image folder, replaces an existing file
+only when this toolkit wrote it (or with ``--force``), and its folder must be writable. When
+no image can be read, nothing is written.
 
 This module imports torch only inside the ``.pth`` branch (:func:`load_predictor`), so ONNX
 prediction runs where torch is not installed.
@@ -12,8 +18,6 @@ prediction runs where torch is not installed.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +30,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from raug.atomic import atomic_write_text
+from raug.deploy.filekind import (
+    describe_file,
+    is_tool_overlay,
+    model_file_problem,
+    overlay_path,
+)
 from raug.deploy.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_PREPARE_SIZE,
@@ -34,7 +44,24 @@ from raug.deploy.images import (
     load_rgb,
 )
 from raug.deploy.preprocess import TTA_VIEWS, preprocess, tta_view
+from raug.deploy.safety import (
+    InputGuard,
+    Output,
+    OutputError,
+    check_outputs,
+    os_error_line,
+    write_failure,
+)
 from raug.deploy.spec import ModelSpec, SpecError
+from raug.deploy.submission import (
+    DEFAULT_FORMAT,
+    FORMATS,
+    ISIC2019_FORMAT,
+    image_ids,
+    is_tool_csv,
+    isic2019_class_index,
+    render,
+)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt")
 
@@ -80,7 +107,8 @@ class PredictionResult:
     """Outcome of :func:`predict_images`.
 
     Attributes:
-        names: image ids (file stems) of the predicted images, in input order.
+        names: image ids (see :func:`~raug.deploy.submission.image_ids`) of the predicted
+            images, in input order.
         paths: their files.
         probs: ``(N, K)`` float32 probabilities.
         failed: ``(path, reason)`` for every skipped file.
@@ -90,6 +118,26 @@ class PredictionResult:
     paths: list[Path] = field(default_factory=list)
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class NothingPredictedError(RuntimeError):
+    """No input image could be read, so no CSV is written.
+
+    Attributes:
+        failed: ``(path, reason)`` of every input.
+    """
+
+    def __init__(self, failed: list[tuple[Path, str]], out: str | os.PathLike) -> None:
+        self.failed = failed
+        if len(failed) == 1:
+            path, reason = failed[0]
+            message = f"{path}: {reason}; no image could be read, nothing written to {out}"
+        else:
+            message = (
+                f"none of the {len(failed)} input files could be read as an image; "
+                f"nothing written to {out}"
+            )
+        super().__init__(message)
 
 
 def load_predictor(model_path: str | os.PathLike, device: str = "cpu") -> Predictor:
@@ -103,12 +151,17 @@ def load_predictor(model_path: str | os.PathLike, device: str = "cpu") -> Predic
         A predictor exposing ``spec`` and ``predict_probs``.
 
     Raises:
-        SpecError: unknown suffix or a model without deployment information.
+        SpecError: unknown suffix, a file of another kind (the message says what it is), or a
+            model without deployment information.
     """
     path = Path(model_path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         from raug.deploy.onnx_backend import OnnxPredictor
+
+        problem = model_file_problem(path, "onnx") if path.exists() else None
+        if problem is not None:
+            raise SpecError(problem)
 
         return OnnxPredictor(path, device=device)
     if suffix in TORCH_SUFFIXES:
@@ -116,7 +169,11 @@ def load_predictor(model_path: str | os.PathLike, device: str = "cpu") -> Predic
         from raug.deploy.torch_backend import TorchPredictor
 
         return TorchPredictor(path, device=device)
-    raise SpecError(f"{path}: unknown model file type {suffix!r} (use .onnx or .pth)")
+    what = f" ({describe_file(path)})" if path.exists() else ""
+    raise SpecError(
+        f"{path}{what}: unknown model file type {suffix!r}; --model takes a training "
+        f"checkpoint (.pth) or an export of tools/export.py (.onnx)"
+    )
 
 
 def predict_batch(predictor: Predictor, batch: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -146,8 +203,10 @@ def predict_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     prepare_size: int | str | None = AUTO_PREPARE_SIZE,
+    ids: Sequence[str] | None = None,
 ) -> PredictionResult:
-    """Predict every readable image; unreadable ones are reported on stderr and skipped.
+    """Predict every readable image; unreadable ones are skipped (and reported on stderr
+    as they come while the progress bar is shown).
 
     Args:
         predictor: the backend.
@@ -159,36 +218,42 @@ def predict_images(
         prepare_size: shrink larger images like the data preparation first (shorter side
             in px, see :func:`~raug.deploy.images.load_rgb`); ``None``: do not; ``"auto"``:
             as the model's training data (:func:`resolve_prepare_size`).
+        ids: one image id per path (default: the file stems).
 
     Returns:
         The predictions and the list of skipped files.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = [p.stem for p in paths] if ids is None else list(ids)
     spec = predictor.spec
     prepare_size = resolve_prepare_size(prepare_size, spec)
     result = PredictionResult()
     chunks: list[np.ndarray] = []
-    pending: list[tuple[Path, np.ndarray]] = []
+    pending: list[tuple[Path, str, np.ndarray]] = []
 
     def flush() -> None:
         if pending:
-            batch = np.stack([x for _, x in pending])
+            batch = np.stack([x for _, _, x in pending])
             chunks.append(predict_batch(predictor, batch, tta))
-            for path, _ in pending:
+            for path, name, _ in pending:
                 result.paths.append(path)
-                result.names.append(path.stem)
+                result.names.append(name)
             pending.clear()
 
-    bar = tqdm(paths, desc="predict", unit="img", disable=not progress, file=sys.stderr)
-    for path in bar:
+    bar = tqdm(
+        list(zip(paths, ids, strict=True)), desc="predict", unit="img", disable=not progress,
+        file=sys.stderr,
+    )
+    for path, name in bar:
         try:
             rgb = load_rgb(path, max_pixels=max_pixels, prepare_size=prepare_size)
         except ImageLoadError as exc:
             result.failed.append((path, exc.reason))
-            tqdm.write(f"skipped {path}: {exc.reason}", file=sys.stderr)
+            if progress:  # live, between bar updates; without the bar main() lists them once
+                tqdm.write(f"skipped {path}: {exc.reason}", file=sys.stderr)
             continue
-        pending.append((path, preprocess(rgb, spec.img_size, spec.mean, spec.std)))
+        pending.append((path, name, preprocess(rgb, spec.img_size, spec.mean, spec.std)))
         if len(pending) == batch_size:
             flush()
     flush()
@@ -200,35 +265,28 @@ def predict_images(
     return result
 
 
-def predictions_csv(names: Sequence[str], probs: np.ndarray, class_names: Sequence[str]) -> str:
-    """Render predictions as ISIC-submission CSV text.
-
-    Columns: ``image``, ``PRED`` (class code of the arg-max), one probability column per class
-    in label order (8 decimals).
-
-    Args:
-        names: image ids.
-        probs: ``(N, K)`` probabilities.
-        class_names: class codes in label order.
-
-    Returns:
-        The CSV text (header line included, ``\\n`` line ends).
-    """
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image", "PRED", *class_names])
-    for name, row in zip(names, probs, strict=True):
-        writer.writerow([name, class_names[int(np.argmax(row))], *(f"{p:.8f}" for p in row)])
-    return buf.getvalue()
+def planned_outputs(
+    out: str | os.PathLike, explain_dir: str | os.PathLike | None, ids: Sequence[str]
+) -> list[Output]:
+    """The files a prediction run will write: the CSV and, with ``--explain``, one overlay
+    per image."""
+    outputs = [Output(Path(out), "--out", "a predictions CSV", is_tool_csv)]
+    if explain_dir is not None:
+        outputs += [
+            Output(overlay_path(explain_dir, name), "--explain", "a Grad-CAM overlay",
+                   is_tool_overlay)
+            for name in ids
+        ]
+    return outputs
 
 
-def _warn_duplicate_ids(result: PredictionResult) -> None:
-    first: dict[str, Path] = {}
-    for name, path in zip(result.names, result.paths, strict=True):
-        if name in first:
-            print(f"warning: image id {name!r} used by {first[name]} and {path}", file=sys.stderr)
-        else:
-            first[name] = path
+def input_guard(
+    model: str | os.PathLike, images: Sequence[str | os.PathLike], paths: Sequence[Path]
+) -> InputGuard:
+    """The inputs no output may replace: the model, every image, every image folder."""
+    files = [("the model", Path(model)), *(("the input image", p) for p in paths)]
+    folders = [("the image folder", Path(p)) for p in images if Path(p).is_dir()]
+    return InputGuard(files, folders)
 
 
 def run(
@@ -242,8 +300,14 @@ def run(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     prepare_size: int | str | None = AUTO_PREPARE_SIZE,
+    fmt: str = DEFAULT_FORMAT,
+    unk_threshold: float | None = None,
+    force: bool = False,
 ) -> PredictionResult:
     """Predict ``images`` with ``model`` and write the CSV (and Grad-CAM overlays) atomically.
+
+    The output paths are checked before anything is read (:mod:`raug.deploy.safety`), and
+    nothing is written when no image could be read.
 
     Args:
         model: ``.pth`` checkpoint or ``.onnx`` export.
@@ -257,6 +321,9 @@ def run(
         progress: show progress bars.
         prepare_size: shrink larger images like the data preparation first (``None``: not;
             ``"auto"``: as the model's training data, see :func:`resolve_prepare_size`).
+        fmt: ``"default"`` or ``"isic2019"`` (see :mod:`raug.deploy.submission`).
+        unk_threshold: ISIC format only: UNK = 1 - max(p) below this top probability.
+        force: replace existing files this toolkit did not write (never inputs).
 
     Returns:
         The predictions, including the skipped files.
@@ -264,7 +331,19 @@ def run(
     Raises:
         SpecError: bad model file; ``--explain`` with an ONNX model.
         FileNotFoundError: an image path does not exist.
+        OutputError: a refused or unwritable output path.
+        ValueError: clashing image ids, a model without ISIC classes for ``isic2019``.
+        NothingPredictedError: no image could be read (nothing is written).
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: use one of {FORMATS}")
+    if unk_threshold is not None and fmt != ISIC2019_FORMAT:
+        raise ValueError("--unk-threshold applies to --format isic2019 only (the UNK column)")
+    paths = collect_images(images)
+    if not paths:
+        raise FileNotFoundError(f"no image files found in {[str(p) for p in images]}")
+    ids = image_ids(paths, keep_extension=fmt == DEFAULT_FORMAT)
+    check_outputs(planned_outputs(out, explain_dir, ids), input_guard(model, images, paths), force)
     predictor = load_predictor(model, device=device)
     prepare_size = resolve_prepare_size(prepare_size, predictor.spec)
     if explain_dir is not None and not predictor.supports_explain:
@@ -272,33 +351,61 @@ def run(
             f"--explain needs a PyTorch checkpoint (.pth): Grad-CAM differentiates through the "
             f"network, which an ONNX inference session ({model}) cannot do"
         )
-    paths = collect_images(images)
-    if not paths:
-        raise FileNotFoundError(f"no image files found in {[str(p) for p in images]}")
-    result = predict_images(predictor, paths, batch_size, tta, max_pixels, progress, prepare_size)
-    _warn_duplicate_ids(result)
-    atomic_write_text(out, predictions_csv(result.names, result.probs, predictor.spec.class_names))
-    if explain_dir is not None and result.names:
-        predictor.explain(  # type: ignore[attr-defined]
-            result.paths,
-            result.probs.argmax(axis=1),
-            explain_dir,
-            max_pixels=max_pixels,
-            progress=progress,
-            prepare_size=prepare_size,
-        )
+    if fmt == ISIC2019_FORMAT:
+        isic2019_class_index(predictor.spec.class_names)  # refuse before predicting
+    result = predict_images(
+        predictor, paths, batch_size, tta, max_pixels, progress, prepare_size, ids
+    )
+    if not result.names:
+        raise NothingPredictedError(result.failed, out)
+    text = render(fmt, result.names, result.probs, predictor.spec.class_names, unk_threshold)
+    try:
+        atomic_write_text(out, text)
+    except OSError as exc:
+        raise OutputError(write_failure(out, exc)) from exc
+    if explain_dir is not None:
+        try:
+            predictor.explain(  # type: ignore[attr-defined]
+                result.paths,
+                result.probs.argmax(axis=1),
+                explain_dir,
+                max_pixels=max_pixels,
+                progress=progress,
+                prepare_size=prepare_size,
+                names=result.names,
+            )
+        except OSError as exc:
+            raise OutputError(write_failure(exc.filename or explain_dir, exc)) from exc
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of ``tools/predict.py``."""
     parser = argparse.ArgumentParser(
-        description="Predict skin-lesion classes; writes an ISIC-submission-style CSV "
-        "(image, PRED, one probability column per class).",
+        description="Predict skin-lesion classes; writes a CSV (image, PRED, one probability "
+        "column per class), or with --format isic2019 the ISIC 2019 challenge submission.",
     )
     parser.add_argument("--model", required=True, help="project checkpoint (.pth) or .onnx export")
     parser.add_argument("--images", required=True, nargs="+", help="image files and/or folders")
-    parser.add_argument("--out", required=True, help="CSV to write")
+    parser.add_argument(
+        "--out", required=True,
+        help="CSV to write (never an input, the model or a path inside an image folder; an "
+        "existing file only when this tool wrote it, or with --force)",
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, default=DEFAULT_FORMAT, dest="fmt",
+        help="default: image, PRED, one column per class in the model's order; isic2019: "
+        "image, MEL, NV, BCC, AK, BKL, DF, VASC, SCC, UNK (ids without extension)",
+    )
+    parser.add_argument(
+        "--unk-threshold", type=parse_unit_interval, default=None, metavar="T",
+        help="isic2019 only: UNK = 1 - max(p) for images whose top probability is below T "
+        "(a simple out-of-distribution rule; default: UNK = 0)",
+    )
+    parser.add_argument(
+        "--force", action="store_true",
+        help="replace an existing --out / overlay file this tool did not write (never an input)",
+    )
     parser.add_argument(
         "--tta", action="store_true",
         help="average probabilities over the 8 dihedral views (4 rotations x optional flip)",
@@ -318,6 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def parse_unit_interval(text: str) -> float:
+    """``--unk-threshold`` values: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from exc
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
 
 
 def parse_prepare_size(text: str) -> int | str | None:
@@ -341,9 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tools/predict.py``.
 
     Returns:
-        0 when every image was predicted, 1 when some were skipped, 2 on a fatal error.
+        0 when every image was predicted, 1 when some were skipped, 2 on a fatal error
+        (including: no image could be read, an output refused or not writable).
     """
     args = build_parser().parse_args(argv)
+    progress = not args.no_progress
     # PIL warns above its own global limit before our check runs; align the two for the run.
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = args.max_pixels
@@ -351,9 +471,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(
             args.model, args.images, args.out, tta=args.tta, batch_size=args.batch_size,
             device=args.device, explain_dir=args.explain, max_pixels=args.max_pixels,
-            progress=not args.no_progress, prepare_size=args.prepare_size,
+            progress=progress, prepare_size=args.prepare_size, fmt=args.fmt,
+            unk_threshold=args.unk_threshold, force=args.force,
         )
-    except (SpecError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except NothingPredictedError as exc:
+        if not progress and len(exc.failed) > 1:
+            _print_skipped(exc.failed)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except (SpecError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -363,6 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f"; skipped {len(result.failed)} unreadable file(s)" if result.failed else ""),
         file=sys.stderr,
     )
-    for path, reason in result.failed:
-        print(f"  skipped {path}: {reason}", file=sys.stderr)
+    if not progress:  # with the bar they were reported as they came
+        _print_skipped(result.failed)
     return 1 if result.failed else 0
+
+
+def _print_skipped(failed: Sequence[tuple[Path, str]]) -> None:
+    for path, reason in failed:
+        print(f"  skipped {path}: {reason}", file=sys.stderr)
+

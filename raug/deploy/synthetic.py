@@ -18,7 +18,11 @@ import torch
 from torch import nn
 
 import models
+from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from raug.deploy.preprocess import preprocess
+
+#: The eight ISIC 2019 diagnoses in label (alphabetical) order, as the engine writes them.
+DEMO_CLASSES = ("AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC")
 
 
 def synthetic_images(num: int, size: int = 224, seed: int = 0) -> list[np.ndarray]:
@@ -161,3 +165,32 @@ def demo_model(
         model.classifier.weight.copy_(weight.float())
         model.classifier.bias.copy_((-weight @ centre).float())
     return model
+
+
+def demo_checkpoint_payload(
+    model: nn.Module, img_size: int, model_name: str = "mobilenet", **overrides: object
+) -> dict:
+    """A self-describing checkpoint dict for ``model``, as the engine would save it.
+
+    Args:
+        model: a project model with :data:`DEMO_CLASSES` outputs (e.g. :func:`demo_model`).
+        img_size: the input side recorded as ``img_size``.
+        model_name: the architecture recorded as ``model_name``.
+        **overrides: keys to replace or add (e.g. ``data_preparation``).
+
+    Returns:
+        The payload for :func:`raug.checkpoint.save_checkpoint`.
+    """
+    payload = {
+        "model_name": model_name,
+        "num_classes": len(DEMO_CLASSES),
+        "class_names": list(DEMO_CLASSES),
+        "img_size": img_size,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "model_state_dict": model.state_dict(),
+        "epoch": 3,
+        "config": {},
+        "metrics": {},
+    }
+    payload.update(overrides)
+    return payload

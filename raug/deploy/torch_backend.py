@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import models
 from raug.checkpoint import load_checkpoint
+from raug.deploy.filekind import model_file_problem, overlay_path
 from raug.deploy.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_rgb
 from raug.deploy.preprocess import preprocess
 from raug.deploy.spec import ModelSpec, SpecError, spec_from_checkpoint
@@ -35,9 +36,14 @@ def load_model(
 
     Raises:
         raug.checkpoint.CheckpointError: missing/corrupt/unsafe file (names it).
-        SpecError: not self-describing, or an unknown architecture (names file and value).
+        SpecError: not self-describing, or an unknown architecture (names file and value),
+            or a file of another kind (a CSV, an image, an ONNX export...; names what it is).
     """
     path = Path(path)
+    # torch calls every non-pickle "a pickle that may execute code"; say what it really is.
+    problem = model_file_problem(path, "checkpoint") if path.exists() else None
+    if problem is not None:
+        raise SpecError(problem)
     ckpt = load_checkpoint(path, map_location="cpu")
     spec = spec_from_checkpoint(ckpt, path, output_kind)
     try:
@@ -86,8 +92,9 @@ class TorchPredictor:
         progress: bool = True,
         alpha: float = 0.6,
         prepare_size: int | str | None = "auto",
+        names: Sequence[str] | None = None,
     ) -> list[Path]:
-        """Write a Grad-CAM overlay ``<stem>_gradcam.png`` per image into ``out_dir``.
+        """Write a Grad-CAM overlay ``<id>_gradcam.png`` per image into ``out_dir``.
 
         Args:
             paths: images (already known to be readable).
@@ -99,6 +106,7 @@ class TorchPredictor:
             prepare_size: as in prediction (``"auto"``: as the model's training data); the
                 overlay has the size of the image the evaluation transform received (the
                 original unless it was shrunk).
+            names: the image ids naming the overlays (default: the file stems).
 
         Returns:
             The written files.
@@ -109,12 +117,12 @@ class TorchPredictor:
         prepare_size = resolve_prepare_size(prepare_size, self.spec)
 
         written = []
-        out_dir = Path(out_dir)
+        names = [p.stem for p in paths] if names is None else names
         bar = tqdm(
-            list(zip(paths, classes, strict=True)), desc="grad-cam", unit="img",
+            list(zip(paths, classes, names, strict=True)), desc="grad-cam", unit="img",
             disable=not progress, file=sys.stderr,
         )
-        for path, cls in bar:
+        for path, cls, name in bar:
             try:
                 rgb = load_rgb(path, max_pixels=max_pixels, prepare_size=prepare_size)
             except ImageLoadError as exc:
@@ -129,7 +137,7 @@ class TorchPredictor:
                     f"{self.spec.class_names[int(cls)]} score",
                     file=sys.stderr,
                 )
-            target = out_dir / f"{path.stem}_gradcam.png"
+            target = overlay_path(out_dir, name)
             save_overlay(target, rgb, cam, alpha=alpha)
             written.append(target)
         return written
