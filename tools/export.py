@@ -1,7 +1,7 @@
 """Export a project checkpoint to ONNX (+ optional int8 / TorchScript); see docs/deploy.md.
 
 Usage: python tools/export.py --checkpoint CKPT --out FILE.onnx [--quantize int8
-[--calibration IMAGE_DIR]] [--torchscript FILE.pt] [--opset N] [--output probs|logits]
+[--calibration IMAGE_DIR]] [--torchscript FILE.pt] [--opset N] [--output probs|logits] [--force]
 """
 
 import sys

@@ -1,7 +1,8 @@
 """Predict skin-lesion classes into an ISIC-style CSV; see docs/deploy.md.
 
 Usage: python tools/predict.py --model FILE(.pth|.onnx) --images PATH [PATH ...]
---out preds.csv [--tta] [--batch-size N] [--device cpu|cuda|auto] [--explain DIR]
+--out preds.csv [--format default|isic2019 [--unk-threshold T]] [--tta] [--batch-size N]
+[--device cpu|cuda|auto] [--explain DIR] [--force]
 
 With an .onnx model this never imports torch (it runs where only onnxruntime is installed).
 """
