@@ -18,6 +18,7 @@ import pandas as pd
 from sacred.config import chain_evaluate_config_scopes
 from sacred.utils import SacredError
 
+from raug import runlock
 from raug.data import TEST_CSV, TRAIN_CSV, fold_class_gaps
 from raug.device import AMP_CHOICES, check_device
 from raug.engine import VAL_METRICS
@@ -312,9 +313,15 @@ def check_save_folder(save_folder: str | os.PathLike, resume: bool) -> None:
     """Refuse to start a new run over a finished one (nothing is touched).
 
     Raises:
-        ConfigError: ``resume=False`` and the folder holds checkpoints or a
-            ``COMPLETED`` marker; or ``resume=True`` with markers but no last checkpoint.
+        ConfigError: a live process holds the folder's lock (:mod:`raug.runlock`);
+            ``resume=False`` and the folder holds checkpoints or a ``COMPLETED`` marker;
+            or ``resume=True`` with markers but no last checkpoint.
     """
+    # A live run first: "add _resume=True" would be wrong advice while another process writes.
+    if runlock.held_lock(Path(save_folder)) is None:
+        who = runlock.holder(save_folder)
+        if who is not None:
+            raise folder_in_use_error(save_folder, who)
     found = finished_run_markers(save_folder)
     if not found:
         return
@@ -329,6 +336,14 @@ def check_save_folder(save_folder: str | os.PathLike, resume: bool) -> None:
             f"_resume=True but {save_folder}/last-checkpoint/last-checkpoint.pth does not exist "
             f"(found {', '.join(found)}); choose another `_save_folder=<new folder>`."
         )
+
+
+def folder_in_use_error(save_folder: str | os.PathLike, who: runlock.LockHolder) -> ConfigError:
+    """The one-line refusal of a run into a folder whose lock a live process holds."""
+    return ConfigError(
+        f"_save_folder={save_folder} is in use by a running run ({who.describe()}); "
+        "wait for it to finish or choose another _save_folder=<new folder>"
+    )
 
 
 def resume_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

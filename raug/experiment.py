@@ -73,6 +73,7 @@ from raug.config import (
     check_save_folder,
     declared_keys,
     default_save_folder,
+    folder_in_use_error,
     resolve_repo_path,
     resume_mismatches,
     validate_config,
@@ -366,10 +367,7 @@ def lock_save_folder(save_folder: str | os.PathLike) -> runlock.RunLock | None:
     try:
         return runlock.acquire(folder)
     except runlock.FolderInUseError as exc:
-        raise ConfigError(
-            f"_save_folder={folder} is in use by a running run ({exc.holder.describe()}); "
-            "wait for it to finish or choose another _save_folder=<new folder>"
-        ) from None
+        raise folder_in_use_error(folder, exc.holder) from None
     except OSError as exc:
         reason, where = exc.strerror or str(exc), exc.filename or folder
         blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)

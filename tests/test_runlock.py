@@ -196,3 +196,22 @@ def _valid_config(tmp_path):
 
     data = write_prepared_dataset(tmp_path / "d", n_train=40, n_test=8, size=36)
     return {**SHARED_CONFIG, "_base_path": str(data), "_device": "cpu", "_num_workers": 0}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_live_run_is_named_before_the_finished_run_advice(tmp_path, holders, resume):
+    # A live run that already wrote a checkpoint: "add _resume=True" would send the user
+    # into a second writer; the config check must name the live run first.
+    from raug.config import check_save_folder
+
+    folder = tmp_path / "run"
+    proc, _ = start_holder(folder)
+    holders.append(proc.pid)
+    (folder / "last-checkpoint").mkdir()
+    (folder / "last-checkpoint" / "last-checkpoint.pth").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=rf"is in use by a running run \(pid {proc.pid} "):
+        check_save_folder(folder, resume=resume)
+    kill(proc.pid)
+    proc.wait()
+    with pytest.raises(ConfigError, match="already holds a run") if not resume else contextlib.nullcontext():
+        check_save_folder(folder, resume=resume)
