@@ -21,6 +21,7 @@ from sacred.utils import SacredError
 from raug import runlock
 from raug.data import TEST_CSV, TRAIN_CSV, fold_class_gaps
 from raug.device import AMP_CHOICES, check_device
+from raug.distributed import get_rank
 from raug.engine import VAL_METRICS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -318,7 +319,8 @@ def check_save_folder(save_folder: str | os.PathLike, resume: bool) -> None:
             or ``resume=True`` with markers but no last checkpoint.
     """
     # A live run first: "add _resume=True" would be wrong advice while another process writes.
-    if runlock.held_lock(Path(save_folder)) is None:
+    # Rank 0 alone holds a torchrun run's lock: the other ranks see it held and go on.
+    if get_rank() == 0 and runlock.held_lock(Path(save_folder)) is None:
         who = runlock.holder(save_folder)
         if who is not None:
             raise folder_in_use_error(save_folder, who)

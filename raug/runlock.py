@@ -251,7 +251,7 @@ def is_locked(folder: str | os.PathLike) -> bool:
     path = Path(folder) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no lock file, or a file in the way
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
