@@ -205,6 +205,7 @@ def test_cli_defaults_and_quick_plan_is_a_subset_of_the_full_plan():
     assert run.TARGETS == {"channel_relation": 10.0, "dkd_step": 1.5, "ssd_kd_step": 1.5, "loader": 3.0}
 
 
+@pytest.mark.numeric
 def test_seed_hooks_pile_up_one_set_per_call():
     model = bench_steps.models.create_model("mobilenet", 8).eval()
     x = torch.zeros(1, 3, 32, 32)
