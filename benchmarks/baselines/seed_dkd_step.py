@@ -1,7 +1,7 @@
 """BASELINE ONLY (benchmarks): one D-KD training step written the way the seed wrote it.
 
 Never imported by the toolkit (``raug.methods.dkd.DKDTask`` is the implementation). It
-computes the same loss as the toolkit (``kd_math.md``: CE_w, soft KD, RKD distance and
+computes the same loss as the toolkit (``docs/kd_math.md``: CE_w, soft KD, RKD distance and
 angle, channel relation through the adapter) with the seed's habits, which are what the
 benchmark measures against:
 

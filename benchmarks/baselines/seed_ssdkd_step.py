@@ -1,7 +1,7 @@
 """BASELINE ONLY (benchmarks): one SSD-KD phase-2 step written the way the seed wrote it.
 
 Never imported by the toolkit (``raug.methods.ssdkd.SSDKDTask`` is the implementation).
-Same loss as the toolkit (``kd_math.md``, SSD-KD phase 2), the seed's habits:
+Same loss as the toolkit (``docs/kd_math.md``, SSD-KD phase 2), the seed's habits:
 
 * the four rotated views of every image are built on the CPU, one PIL image per view
   (``PIL.Image.rotate`` + ``ToTensor`` + ``Normalize`` per view), then moved to the device;
