@@ -1,20 +1,25 @@
 """`isic.py with quick` end to end on the prepared synthetic data: every output file."""
 
+import io
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import models
-from raug.checkpoint import IMAGENET_MEAN, is_project_checkpoint, load_checkpoint
-from raug.data import CLASS_NAMES, TEST_CSV, TRAIN_CSV
-from raug.metrics import balanced_accuracy
-from raug.runs import load_runs
+from raug.data.loaders import CLASS_NAMES, TEST_CSV, TRAIN_CSV
+from raug.data.transforms import IMAGENET_MEAN
+from raug.files.checkpoint import is_project_checkpoint, load_checkpoint
+from raug.report.plots import plot_confusion, plot_history, plot_roc
+from raug.report.runs import load_runs
+from raug.train.metrics import balanced_accuracy, confusion_matrix, normalize_confusion
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiment" / "isic" / "isic.py"
@@ -115,6 +120,31 @@ def test_predictions_csv_matches_reported_metrics(teacher_run):
         assert metrics[f"{split}.n"] == len(frame)
 
 
+def _png_pixels(path: Path) -> np.ndarray:
+    """The decoded RGB pixels of a PNG file (fails on anything that is not a whole PNG)."""
+    assert path.read_bytes()[:8] == PNG, path
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        return np.asarray(image.convert("RGB"))
+
+
+def _rendered(fig) -> np.ndarray:
+    """``fig`` drawn the way RunOutputs.save_figure draws it (PNG, dpi 100), decoded."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    buf.seek(0)
+    with Image.open(buf) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _assert_same_picture(path: Path, expected: np.ndarray):
+    got = _png_pixels(path)
+    assert got.shape == expected.shape, path
+    # Same data, same code, same matplotlib: at most stray anti-aliasing pixels may differ.
+    differing = np.abs(got.astype(int) - expected.astype(int)).max(axis=2) > 8
+    assert differing.mean() < 0.0005, f"{path}: {differing.mean():.2%} of the pixels differ"
+
+
 def test_plots_and_marker(teacher_run):
     out = teacher_run["out"]
     pngs = [out / "history.png"] + [
@@ -123,7 +153,14 @@ def test_plots_and_marker(teacher_run):
         for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "roc_curves.png")
     ]
     for png in pngs:
-        assert png.read_bytes()[:8] == PNG, png
+        pixels = _png_pixels(png)
+        height, width, _ = pixels.shape
+        assert width >= 400, (png, pixels.shape)
+        assert height >= 300, (png, pixels.shape)
+        colours = np.unique(pixels.reshape(-1, 3), axis=0)
+        assert len(colours) > 20, (png, len(colours))  # drawn, not one flat colour
+        # mostly white background with something drawn on it
+        assert 0.02 < (pixels.min(axis=2) < 250).mean() < 0.9, png
     history = pd.read_csv(out / "history.csv")
     assert list(history["epoch"]) == [1, 2]
     marker = json.loads((out / "COMPLETED").read_text())
@@ -134,6 +171,43 @@ def test_plots_and_marker(teacher_run):
         assert key in metrics
     # nothing left half-written
     assert not list(out.rglob("*.tmp"))
+
+    # The marker belongs to this run: its best epoch, written between its start and its end.
+    assert marker["best_epoch"] == metrics["best_epoch"]
+    assert marker["best_epoch"] in list(history["epoch"])
+    run = json.loads((out / "1" / "run.json").read_text())
+    completed = datetime.fromisoformat(marker["completed"])
+    assert completed.utcoffset() == timedelta(0)
+    started = datetime.fromisoformat(run["start_time"]).replace(tzinfo=UTC)
+    stopped = datetime.fromisoformat(run["stop_time"]).replace(tzinfo=UTC)
+    assert started - timedelta(seconds=1) <= completed <= stopped
+
+    # The figures show this run's numbers: drawn again here from the run's own tables
+    # (history.csv, predictions.csv), they give the same picture.
+    _assert_same_picture(out / "history.png", _rendered(plot_history(history.to_dict("records"))))
+    for split in ("val", "test"):
+        frame = pd.read_csv(out / f"{split}_pred" / "predictions.csv", dtype={"image": str})
+        labels = frame["REAL"].map(CLASS_NAMES.index).to_numpy()
+        probs = frame[list(CLASS_NAMES)].to_numpy()
+        cm = confusion_matrix(labels, probs.argmax(axis=1), len(CLASS_NAMES))
+        folder = out / f"{split}_pred"
+        _assert_same_picture(folder / "confusion_matrix.png", _rendered(
+            plot_confusion(cm, CLASS_NAMES, f"{split}: confusion matrix", False)))
+        _assert_same_picture(folder / "confusion_matrix_normalized.png", _rendered(
+            plot_confusion(normalize_confusion(cm), CLASS_NAMES, f"{split}: recall per class", True)))
+        _assert_same_picture(folder / "roc_curves.png", _rendered(
+            plot_roc(labels, probs, CLASS_NAMES, f"{split}: one-vs-rest ROC")))
+    # and a different history (one more epoch) would not pass for it
+    longer = [*history.to_dict("records"), {**history.iloc[-1].to_dict(), "epoch": 3}]
+    assert _rendered(plot_history(longer)).shape == _png_pixels(out / "history.png").shape
+    with pytest.raises(AssertionError, match="pixels differ"):
+        _assert_same_picture(out / "history.png", _rendered(plot_history(longer)))
+
+    # The copies attached to the Sacred run are these files.
+    for name, path in (("history.png", out / "history.png"),
+                       ("test_roc_curves.png", out / "test_pred" / "roc_curves.png"),
+                       ("val_confusion_matrix.png", out / "val_pred" / "confusion_matrix.png")):
+        assert (out / "1" / name).read_bytes() == path.read_bytes(), name
 
 
 def test_rerun_refuses_and_changes_nothing(teacher_run):
