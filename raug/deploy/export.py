@@ -39,15 +39,22 @@ import onnx
 import torch
 from torch import nn
 
-from raug.atomic import atomic_write_with
-from raug.checkpoint import CheckpointError
 from raug.deploy.filekind import TORCHSCRIPT_META, is_deploy_onnx, is_deploy_torchscript
 from raug.deploy.images import DEFAULT_PREPARE_SIZE
 from raug.deploy.onnx_backend import make_session
-from raug.deploy.predict import AUTO_PREPARE_SIZE, parse_prepare_size
-from raug.deploy.safety import InputGuard, Output, check_outputs, os_error_line
-from raug.deploy.spec import INPUT_NAME, OUTPUT_KINDS, ModelSpec, SpecError, spec_to_metadata
+from raug.deploy.predict import parse_prepare_size
+from raug.deploy.safety import InputGuard, Output, check_outputs, command_error, os_error_line
+from raug.deploy.spec import (
+    AUTO_PREPARE_SIZE,
+    INPUT_NAME,
+    OUTPUT_KINDS,
+    ModelSpec,
+    SpecError,
+    spec_to_metadata,
+)
 from raug.deploy.torch_backend import load_model
+from raug.files.atomic import atomic_write_with
+from raug.files.checkpoint import CheckpointError
 
 DEFAULT_TOL = 1e-4
 VERIFY_BATCHES = (1, 3)
@@ -335,8 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.calibration and not args.quantize:
-        print("error: --calibration needs --quantize int8", file=sys.stderr)
-        return 2
+        return command_error("--calibration needs --quantize int8")
     int8_out = None
     if args.quantize:
         int8_out = Path(args.int8_out) if args.int8_out else default_int8_path(args.out)
@@ -378,12 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = quantize_onnx(args.out, int8_out, calib)
             print(report.summary(), file=sys.stderr)
     except ExportError as exc:
-        print(f"error: verification failed: {exc}", file=sys.stderr)
-        return 1
+        return command_error(f"verification failed: {exc}", status=1)
     except (CheckpointError, SpecError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return command_error(str(exc))
     except OSError as exc:  # e.g. the file system turned read-only after the checks
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
+        return command_error(os_error_line(exc))
     return 0

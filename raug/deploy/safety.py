@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -191,7 +192,7 @@ def check_outputs(outputs: Sequence[Output], guard: InputGuard, force: bool = Fa
 def write_failure(path: str | os.PathLike, exc: OSError) -> str:
     """One line for a write that failed after the checks (e.g. the file system went read-only).
 
-    Errors that already carry a one-line message of their own (``raug.atomic.DiskFullError``
+    Errors that already carry a one-line message of their own (``raug.files.atomic.DiskFullError``
     overrides ``__str__``) keep it; plain ``OSError`` becomes ``cannot write PATH: reason``.
     """
     if type(exc).__str__ is not OSError.__str__:
@@ -205,3 +206,13 @@ def os_error_line(exc: OSError) -> str:
     if type(exc).__str__ is not OSError.__str__ or not exc.filename:
         return str(exc)
     return f"{exc.filename}: {exc.strerror or exc}"
+
+
+def command_error(line: str, status: int = 2) -> int:
+    """Print ``error: <line>`` on stderr for a command's top level and return ``status``.
+
+    The exit code the command's ``main`` returns: 2 (bad input) unless told otherwise, so a
+    handler reads ``return command_error(str(exc))``.
+    """
+    print(f"error: {line}", file=sys.stderr)
+    return status
