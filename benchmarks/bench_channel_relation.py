@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from kd_losses import channel_relation
-from raug.device import resolve_device
+from raug.train.device import resolve_device
 
 if __package__:
     from . import common

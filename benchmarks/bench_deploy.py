@@ -40,14 +40,15 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from raug.atomic import atomic_write_text
-from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
+from raug.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raug.deploy.export import export_onnx
 from raug.deploy.onnx_backend import make_session
 from raug.deploy.quantize import quantize_onnx
 from raug.deploy.spec import INPUT_NAME
 from raug.deploy.synthetic import demo_model, synthetic_batch
 from raug.deploy.torch_backend import load_model
+from raug.files.atomic import atomic_write_text
+from raug.files.checkpoint import save_checkpoint
 
 CLASSES = ["AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC"]
 IMG_SIZE = 224

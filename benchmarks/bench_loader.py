@@ -6,8 +6,8 @@ Data: a synthetic ISIC 2019 set with full-size originals (shorter side >= ``imag
     python data/ISIC2019/synthesize.py --root DIR --num-images 64 --image-size 1024 --seed 0
     bash run_preprocess.sh --root DIR --size 288
 
-* ours: ``raug.data.IsicDataset`` on ``DIR/train/imgs`` (the cache, shorter side 288 px)
-  with the training transform, through ``raug.data.make_loader``;
+* ours: ``raug.data.loaders.IsicDataset`` on ``DIR/train/imgs`` (the cache, shorter side 288 px)
+  with the training transform, through ``raug.data.loaders.make_loader``;
 * baseline: ``baselines/seed_loader.SeedOriginalsDataset`` on the originals
   ``DIR/ISIC_2019_Training_Input`` (PIL decode of the full-size JPEG, as the seed did),
   the same transform, the same ``make_loader`` settings (batch size, workers, sampler);
@@ -39,8 +39,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from raug.data import TRAIN_CSV, IsicDataset, make_loader, read_parsed_csv
-from raug.transforms import train_transform
+from raug.data.loaders import TRAIN_CSV, IsicDataset, make_loader, read_parsed_csv
+from raug.data.transforms import train_transform
 
 if __package__:
     from . import common

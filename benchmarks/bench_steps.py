@@ -1,6 +1,6 @@
 """Training-step benchmarks: the toolkit's D-KD / SSD-KD steps against seed-style steps.
 
-"Ours" is exactly the engine's per-batch work (``raug.engine.train_one_epoch``): batch to
+"Ours" is exactly the engine's per-batch work (``raug.train.engine.train_one_epoch``): batch to
 the device (channels-last when ``_channels_last``), ``task.train_step`` under the AMP
 context, ``zero_grad``, backward, SGD step, one ``.item()``. The tasks are the toolkit's
 ``DKDTask`` / ``SSDKDTask``: teacher under ``inference_mode``, features from
@@ -38,14 +38,14 @@ from torch import nn
 from tqdm import tqdm
 
 import models
-from kd_losses import channel_relation
-from raug.device import amp_dtype, autocast, resolve_device
-from raug.engine import FitSettings, default_optimizer, to_device
+from kd_losses import DKDWeights, SSDKDWeights, channel_relation
+from raug.data.transforms import apply_transform, eval_transform
 from raug.methods.dkd import DKDTask
 from raug.methods.ssdkd import SSDKDTask
 from raug.methods.teacher import frozen_forward
-from raug.task import BaseTask, ClassificationTask
-from raug.transforms import apply_transform, eval_transform
+from raug.train.device import amp_dtype, autocast, resolve_device
+from raug.train.engine import FitSettings, default_optimizer, to_device
+from raug.train.task import ClassificationTask, Task
 
 if __package__:
     from . import common
@@ -63,6 +63,8 @@ NUM_CLASSES = 8
 EPOCH_IMAGES = 18238
 # Frequency class weights round(n / n_k, 3) of the real ISIC 2019 counts (AK..VASC).
 _REAL_COUNTS = (867, 3323, 2624, 239, 4522, 12875, 628, 253)
+# The seed-style baselines take the weights as keywords (the seed's own way); the toolkit's
+# tasks take kd_losses.DKDWeights() / SSDKDWeights(), whose defaults are these values.
 DKD_WEIGHTS = {"lambd": 0.5, "T": 5.0, "lambd_drkd": 1.0, "lambd_crkd": 1000.0}
 SSD_WEIGHTS = {"kd_T": 4.0, "tf_T": 4.0, "ss_T": 0.5, "ratio_tf": 1.0, "ratio_ss": 0.75}
 SSD_HR = {"hr_w": 1.0, "lambd_drkd": 1.0, "lambd_crkd": 1000.0}
@@ -135,10 +137,10 @@ def build_nets(px: int, seed: int = 0) -> Nets:
 
 
 class ToolkitStep:
-    """The engine's per-batch training work for ``task`` (see ``raug.engine.train_one_epoch``).
+    """The engine's per-batch training work for ``task`` (see ``raug.train.engine.train_one_epoch``).
 
     Args:
-        task: a :class:`raug.task.BaseTask`.
+        task: a :class:`raug.train.task.Task`.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
         channels_last: move modules and images to channels-last (the engine's default).
         amp: ``None``/``"off"``/``"bf16"``/``"fp16"`` (as the engine: both on CUDA, ``bf16`` only on CPU).
@@ -148,7 +150,7 @@ class ToolkitStep:
 
     def __init__(
         self,
-        task: BaseTask,
+        task: Task,
         device: str | torch.device,
         channels_last: bool = True,
         amp: str | None = None,
@@ -160,14 +162,14 @@ class ToolkitStep:
         self.dtype = amp_dtype(amp, self.device)
         self.channels_last = channels_last
         memory_format = torch.channels_last if channels_last else torch.preserve_format
-        task.to(self.device, memory_format)
+        task.to(device=self.device, memory_format=memory_format)
         if compile and self.device.type == "cuda":
-            # as raug.engine: nn.Module.compile() compiles in place
-            for module in (*task.modules.values(), *task.frozen_modules.values()):
+            # as raug.train.engine: nn.Module.compile() compiles in place
+            for module in (*task.trained.values(), *task.frozen.values()):
                 module.compile()
         task.train()
         settings = FitSettings(epochs=1, lr=lr, device=self.device, amp=amp)
-        self.optimizer = default_optimizer(settings)(list(task.parameters()))
+        self.optimizer = default_optimizer(settings)(task.trainable_parameters())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
 
     def loss(self, batch: dict) -> torch.Tensor:
@@ -191,13 +193,13 @@ class ToolkitStep:
 def dkd_task(nets: Nets) -> DKDTask:
     """The toolkit's D-KD task on ``nets`` (defaults of ``isic_d_kd.py``)."""
     return DKDTask(nets.student, nets.teacher, nets.adapter, class_weight(), method="d_kd",
-                   **DKD_WEIGHTS)
+                   weights=DKDWeights())
 
 
 def ssdkd_task(nets: Nets) -> SSDKDTask:
     """The toolkit's SSD-KD phase-2 task on ``nets`` (defaults of ``isic_ssd_kd.py``)."""
     return SSDKDTask(nets.student, nets.student_head, nets.teacher, nets.teacher_head,
-                     nets.adapter, class_weight(), **SSD_WEIGHTS, **SSD_HR)
+                     nets.adapter, class_weight(), weights=SSDKDWeights())
 
 
 def seed_dkd(nets: Nets, device: str | torch.device) -> SeedDKDStep:

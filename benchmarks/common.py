@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from raug.atomic import atomic_write_text
+from raug.files.atomic import atomic_write_text
 
 OURS, BASELINE = "ours", "baseline"
 # Keys every result entry carries (the JSON schema of ``run.py --json``).

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from raug.device import resolve_device
+from raug.train.device import resolve_device
 
 if __package__:
     from . import bench_loader, bench_steps, common

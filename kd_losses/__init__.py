@@ -8,15 +8,21 @@ One short cited file per term (paper title and link in each module's docstring):
 * :func:`rotate_views`, :func:`view_labels`, :func:`view_similarity`,
   :func:`rotation_ss_loss` (``views.py``)
 * :func:`ssd_kd_terms` (``ssd.py``), :func:`ssd_kd_loss` (``ssd_kd.py``)
-* :func:`d_kd`, :data:`KD_METHODS`, :func:`relational_kd` (``d_kd.py``)
+* :func:`d_kd`, :func:`relational_kd` (``d_kd.py``)
+* the weights, one frozen dataclass per loss: :class:`DKDWeights`, :class:`SSDKDWeights`,
+  :class:`RelationalWeights` (``weights.py``)
+* the ``_kd_method`` tables :data:`DKD_FAMILY`, :data:`SSD_KD_FAMILY`, :data:`KD_METHODS`
+  (``methods.py``): terms, teacher, adapter and minimum batch of each method
 
 Teacher inputs are detached inside every term; results keep the student's dtype.
+Every formula: ``docs/kd_math.md``.
 """
 
 from .ce import weighted_ce
 from .channel_relation import channel_relation
-from .d_kd import KD_METHODS, d_kd, relational_kd
+from .d_kd import d_kd, relational_kd
 from .fitnet import fitnet
+from .methods import DKD_FAMILY, KD_METHODS, SSD_KD_FAMILY, DKDMethod, SSDKDMethod, dkd_method
 from .rkd import pairwise_distances, rkd_angle, rkd_distance, triplet_angles
 from .soft_kd import soft_kd
 from .ssd import error_level_mask, masked_kl, ssd_kd_terms
@@ -28,11 +34,20 @@ from .views import (
     view_labels,
     view_similarity,
 )
+from .weights import DKDWeights, RelationalWeights, SSDKDWeights
 
 __all__ = [
+    "DKD_FAMILY",
     "KD_METHODS",
+    "SSD_KD_FAMILY",
+    "DKDMethod",
+    "DKDWeights",
+    "RelationalWeights",
+    "SSDKDMethod",
+    "SSDKDWeights",
     "channel_relation",
     "d_kd",
+    "dkd_method",
     "error_level_mask",
     "fitnet",
     "masked_kl",

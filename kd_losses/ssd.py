@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .ce import weighted_ce
 from .soft_kd import soft_kd
 from .views import num_images, own_columns, split_views, view_similarity
+from .weights import SSDKDWeights
 
 
 def error_level_mask(
@@ -65,17 +66,9 @@ def masked_kl(
 
 
 def ssd_kd_terms(
-    logits_s: torch.Tensor,
-    logits_t: torch.Tensor,
-    proj_s: torch.Tensor,
-    proj_t: torch.Tensor,
-    target: torch.Tensor,
-    class_weight: torch.Tensor | Sequence[float] | None = None,
-    kd_T: float = 4.0,
-    tf_T: float = 4.0,
-    ss_T: float = 0.5,
-    ratio_tf: float = 1.0,
-    ratio_ss: float = 0.75,
+    logits_s: torch.Tensor, logits_t: torch.Tensor, proj_s: torch.Tensor, proj_t: torch.Tensor,
+    target: torch.Tensor, class_weight: torch.Tensor | Sequence[float] | None = None,
+    weights: SSDKDWeights | None = None,
 ) -> dict[str, torch.Tensor]:
     """The four SSD-KD output terms (phase 2), each already multiplied by its ``T^2``.
 
@@ -86,14 +79,16 @@ def ssd_kd_terms(
         proj_s, proj_t: (4B, D_s) / (4B, D_t) projections of ``avg_pool`` (after the heads).
         target: (B,) labels of the B images.
         class_weight: optional (K,) CE weights.
-        kd_T, tf_T, ss_T: temperatures of the kd / tf / ss terms.
-        ratio_tf, ratio_ss: share of wrongly ranked rows kept in tf / ss.
+        weights: the temperatures ``kd_T``, ``tf_T``, ``ss_T`` of the kd / tf / ss terms and
+            ``ratio_tf``, ``ratio_ss``, the share of wrongly ranked rows kept in tf / ss
+            (default: :class:`~kd_losses.weights.SSDKDWeights`'s).
 
     Returns:
         ``ce`` = CE_w on normal rows; ``kd`` = kd_T^2 KL on normal rows; ``tf`` =
         tf_T^2 KL on the kept rotated rows; ``ss`` = ss_T^2 KL between view-similarity
         matrices on the kept rows; ``n_tf``, ``n_ss`` = 0-d int64 tensors, rows kept.
     """
+    w = weights or SSDKDWeights()
     b = num_images(logits_s.shape[0])
     for name, t in (("logits_t", logits_t), ("proj_s", proj_s), ("proj_t", proj_t)):
         if t.shape[0] != 4 * b:
@@ -107,15 +102,15 @@ def ssd_kd_terms(
     z_t_normal, z_t_rot = split_views(logits_t)
 
     ce = weighted_ce(z_s_normal, target, class_weight)
-    kd = soft_kd(z_s_normal, z_t_normal, kd_T) * kd_T**2
+    kd = soft_kd(z_s_normal, z_t_normal, w.kd_T) * w.kd_T**2
 
-    p_t_rot = F.softmax(z_t_rot / tf_T, dim=1)
-    keep_tf, n_tf = error_level_mask(p_t_rot, target.repeat_interleave(3), ratio_tf)
-    tf = masked_kl(z_s_rot, z_t_rot, tf_T, keep_tf) * tf_T**2
+    p_t_rot = F.softmax(z_t_rot / w.tf_T, dim=1)
+    keep_tf, n_tf = error_level_mask(p_t_rot, target.repeat_interleave(3), w.ratio_tf)
+    tf = masked_kl(z_s_rot, z_t_rot, w.tf_T, keep_tf) * w.tf_T**2
 
     sim_s = view_similarity(proj_s)
     with torch.no_grad():
         sim_t = view_similarity(proj_t.detach())
-    keep_ss, n_ss = error_level_mask(sim_t, own_columns(b, sim_t.device), ratio_ss)
-    ss = masked_kl(sim_s, sim_t, ss_T, keep_ss) * ss_T**2
+    keep_ss, n_ss = error_level_mask(sim_t, own_columns(b, sim_t.device), w.ratio_ss)
+    ss = masked_kl(sim_s, sim_t, w.ss_T, keep_ss) * w.ss_T**2
     return {"ce": ce, "kd": kd, "tf": tf, "ss": ss, "n_tf": n_tf, "n_ss": n_ss}

@@ -3,7 +3,7 @@
 Not used by the toolkit itself. :class:`TinyNet` has the model API of
 ``models.create_model`` (``model(x)``, ``forward_kd``, ``model_name``,
 ``num_classes``, ``num_features``); :class:`BlobDataset` yields batches in the
-format of :class:`raug.data.IsicDataset` from a learnable synthetic problem.
+format of :class:`raug.data.loaders.IsicDataset` from a learnable synthetic problem.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from raug.data import CLASS_NAMES, META_COLUMNS, TEST_CSV, TRAIN_CSV
+from raug.data.loaders import CLASS_NAMES, META_COLUMNS, TEST_CSV, TRAIN_CSV
 
 
 class TinyNet(nn.Module):

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from raug.aggregate import (
+from raug.report.aggregate import (
     AggregateError,
     format_summary,
     metric_column,
@@ -15,7 +15,7 @@ from raug.aggregate import (
     summarize,
     write_plots,
 )
-from raug.runs import load_runs, main, mongo_db_name
+from raug.report.runs import load_runs, main, mongo_db_name
 
 PNG = b"\x89PNG\r\n\x1a\n"
 H1, H2 = "a" * 64, "b" * 64

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from raug.checkpoint import (
+from raug.files.checkpoint import (
     CheckpointError,
     capture_rng_state,
     is_project_checkpoint,

@@ -1,6 +1,6 @@
 """Engine config checks of issue #20: unknown keys, the seed's range, classes missing from a fold.
 
-Pure functions and :func:`raug.config.validate_config` on tiny prepared data; the
+Pure functions and :func:`raug.run.config.validate_config` on tiny prepared data; the
 scripts' command lines are tried in ``test_isic_script.py`` and ``test_kd_scripts.py``.
 """
 
@@ -10,18 +10,18 @@ import pandas as pd
 import pytest
 from sacred.config import ConfigDict, ConfigScope
 
-from raug.config import (
+from raug.data.loaders import TRAIN_CSV, fold_class_gaps
+from raug.errors import ConfigError
+from raug.run.config import (
     SEED_MAX,
     SHARED_CONFIG,
-    ConfigError,
     closest_keys,
-    declared_keys,
     resume_mismatches,
     shared_checks,
     unknown_key_problems,
     validate_config,
 )
-from raug.data import TRAIN_CSV, fold_class_gaps
+from raug.run.experiment import declared_keys
 from raug.testing import write_prepared_dataset
 
 KNOWN = frozenset(SHARED_CONFIG) | {"_model_name"}

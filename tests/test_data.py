@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from raug.data import (
+from raug.data.loaders import (
     CLASS_NAMES,
     TEST_CSV,
     TRAIN_CSV,
@@ -19,8 +19,8 @@ from raug.data import (
     read_parsed_csv,
     set_loader_epoch,
 )
+from raug.data.transforms import eval_transform
 from raug.testing import write_prepared_dataset
-from raug.transforms import eval_transform
 
 CPU = torch.device("cpu")
 

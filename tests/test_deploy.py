@@ -26,8 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raug.atomic import atomic_write_with
-from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
+from raug.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raug.deploy import export as export_mod
 from raug.deploy import predict as predict_mod
 from raug.deploy.export import (
@@ -61,7 +60,9 @@ from raug.deploy.synthetic import (
     synthetic_images,
 )
 from raug.deploy.torch_backend import TorchPredictor, load_model
-from raug.image_size import shorter_side_size
+from raug.files.atomic import atomic_write_with
+from raug.files.checkpoint import save_checkpoint
+from raug.isic2019.image_size import shorter_side_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["AK", "BCC", "BKL", "DF", "MEL", "NV", "SCC", "VASC"]
@@ -141,7 +142,7 @@ def test_preprocess_is_bit_identical_to_albumentations(shape, size):
 
 
 def test_preprocess_matches_engine_eval_transform():
-    transforms = pytest.importorskip("raug.transforms")
+    transforms = pytest.importorskip("raug.data.transforms")
     img = np.random.default_rng(2).integers(0, 256, (90, 70, 3), dtype=np.uint8)
     ref = transforms.eval_transform(SIZE)(image=img)["image"]
     np.testing.assert_array_equal(preprocess(img, SIZE, IMAGENET_MEAN, IMAGENET_STD), ref.numpy())
@@ -244,7 +245,7 @@ def test_load_rgb_refuses_bad_files_by_name(tmp_path):
 
 
 def test_prepare_size_shrinks_like_the_data_preparation(tmp_path):
-    # one rule for preparation and prediction (raug/image_size.py): shorter side 320, never enlarged
+    # one rule for preparation and prediction (raug/isic2019/image_size.py): shorter side 320, never enlarged
     expected_sizes = {(800, 600): (427, 320), (600, 800): (320, 427), (300, 200): (300, 200),
                       (1001, 333): (962, 320)}
     for (w, h), size in expected_sizes.items():

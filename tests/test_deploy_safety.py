@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raug.checkpoint import save_checkpoint
 from raug.deploy import export as export_mod
 from raug.deploy import predict as predict_mod
 from raug.deploy.export import export_onnx, export_torchscript
@@ -31,6 +30,7 @@ from raug.deploy.filekind import describe_bytes
 from raug.deploy.submission import image_ids, is_tool_csv
 from raug.deploy.synthetic import demo_checkpoint_payload, demo_model, synthetic_images
 from raug.deploy.torch_backend import load_model
+from raug.files.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

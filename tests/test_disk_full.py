@@ -21,11 +21,11 @@ import test_reliability
 import torch
 from test_reliability import TINY_ARGS, updates
 
-from raug import atomic, runlock
-from raug.atomic import DiskFullError, atomic_write_bytes, atomic_write_with
-from raug.checkpoint import load_checkpoint, save_checkpoint
-from raug.config import ConfigError
-from raug.experiment import StorageError
+from raug.errors import ConfigError
+from raug.files import atomic, runlock
+from raug.files.atomic import DiskFullError, atomic_write_bytes, atomic_write_with
+from raug.files.checkpoint import load_checkpoint, save_checkpoint
+from raug.run.experiment import StorageError
 
 tiny = test_reliability.tiny  # the fixture: a tiny Sacred experiment and its prepared data
 
@@ -183,7 +183,7 @@ def test_disk_full_during_training_ends_in_one_line_and_keeps_the_last_checkpoin
             proc.send_signal(signal.SIGKILL)
     assert proc.returncode == 1
     last_line = err.strip().splitlines()[-1]
-    assert last_line.startswith(f"raug.experiment.StorageError: disk full: cannot write {folder}/")
+    assert last_line.startswith(f"raug.run.experiment.StorageError: disk full: cannot write {folder}/")
     assert "; the run stopped, the last good checkpoint " in last_line
     assert last_line.endswith(" is intact: free some space, then continue with _resume=True")
     assert "Traceback" not in out + err
@@ -194,7 +194,7 @@ def test_disk_full_during_training_ends_in_one_line_and_keeps_the_last_checkpoin
     assert not [f for f in files(fs) if f.endswith(".tmp")]
     run = json.loads((folder / "1" / "run.json").read_text())  # never cut: written atomically
     assert run["status"] in ("RUNNING", "FAILED")
-    table = subprocess.run([sys.executable, "-m", "raug.runs", str(fs)], capture_output=True, text=True)
+    table = subprocess.run([sys.executable, "-m", "raug.report.runs", str(fs)], capture_output=True, text=True)
     assert table.returncode == 0, table.stderr
 
 
@@ -234,7 +234,7 @@ def test_read_only_save_folder_is_one_line(tiny, tmpfs):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert (done.stdout + done.stderr).strip().splitlines() == [
-        f"raug.config.ConfigError: _save_folder={ro / 'run'} cannot be written (Read-only file "
+        f"raug.run.experiment.ConfigError: _save_folder={ro / 'run'} cannot be written (Read-only file "
         f"system: {ro / 'run'}); choose a writable _save_folder=<folder>"]
 
 

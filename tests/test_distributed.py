@@ -14,7 +14,6 @@ import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -25,27 +24,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_losses import rkd_angle, rkd_distance
-from raug.checkpoint import load_checkpoint
-from raug.config import REPO_ROOT
-from raug.data import TEST_CSV, TRAIN_CSV, EpochSampler, ShardSampler, make_loader
-from raug.device import DeviceError
-from raug.distributed import (
-    DDPModule,
+from raug.data.loaders import TEST_CSV, TRAIN_CSV, EpochSampler, ShardSampler, make_loader
+from raug.files.checkpoint import load_checkpoint
+from raug.files.paths import REPO_ROOT
+from raug.run.experiment import resolve_path_updates, worker_options
+from raug.testing import BlobDataset, TinyNet
+from raug.train.device import DeviceError
+from raug.train.distributed import (
     DistEnv,
     DistributedError,
-    _MethodRouter,
     all_gather_rows,
     distributed_device,
     env_from_environ,
     gather_embeddings,
     set_gather_embeddings,
-    substituted_modules,
+    wrap_task,
 )
-from raug.engine import FitSettings, NonFiniteLossError, evaluate, fit
-from raug.experiment import resolve_path_updates, worker_options
-from raug.outputs import RunOutputs
-from raug.task import ClassificationTask
-from raug.testing import BlobDataset, TinyNet
+from raug.train.engine import FitSettings, NonFiniteLossError, evaluate, fit
+from raug.train.outputs import RunOutputs
+from raug.train.task import ClassificationTask
 
 SCRIPTS = REPO_ROOT / "experiment" / "isic"
 CPU = torch.device("cpu")
@@ -139,38 +136,41 @@ def test_worker_options_silence_observers_and_path_updates_resolve_against_the_r
     assert resolve_path_updates(None, keys) is None
 
 
-def test_ddp_module_routes_calls_and_model_methods_through_the_wrapper():
-    calls = []
+def test_one_ddp_wrapper_runs_the_task_step_and_reduces_only_trained_modules(tmp_path):
+    """The whole task is one DDP module: ``wrapper(batch)`` is ``task.train_step(batch)``
+    (``forward_kd`` included), gradients reach the trained modules, never the frozen ones."""
 
-    def fake_ddp(*args, **kwargs):
-        calls.append((args, kwargs))
-        return _MethodRouter(net)(*args, **kwargs)
+    class KDish(ClassificationTask):
+        def __init__(self):
+            torch.manual_seed(0)
+            super().__init__(TinyNet(dropout=0.0))
+            self.trained["adapter"] = nn.Linear(8, 8)
+            self.frozen["teacher"] = TinyNet(dropout=0.0).requires_grad_(False)
 
-    net = TinyNet(dropout=0.0)
-    wrapped = DDPModule(net, fake_ddp)
-    x = torch.randn(2, 3, 8, 8)
-    assert torch.equal(wrapped(x), net(x))
-    assert torch.equal(wrapped.forward_kd(x)["avg_pool"], net.forward_kd(x)["avg_pool"])
-    wrapped.forward(x)
-    assert [kw for _, kw in calls] == [{}, {"_method": "forward_kd"}, {"_method": "forward"}]
-    # everything else is the module's own (no DDP involved)
-    assert wrapped.num_features == net.num_features
-    assert wrapped.state_dict().keys() == net.state_dict().keys()
-    assert wrapped.classifier is net.classifier
+        def train_step(self, batch):
+            out = self.model.forward_kd(batch["image"])
+            with torch.no_grad():
+                t = self.frozen["teacher"].forward_kd(batch["image"])["avg_pool"]
+            loss = F.cross_entropy(out["logits"], batch["label"]) + F.mse_loss(
+                self.trained["adapter"](out["avg_pool"]), t)
+            return {"loss": loss, "logits": out["logits"]}
 
-    holder = SimpleNamespace(modules={"model": net, "adapter": nn.Identity()})
-    seen = {}
-
-    def step():
-        with substituted_modules(holder, {"model": wrapped}):
-            seen.update(holder.modules)
-            raise RuntimeError("step failed")
-
-    with pytest.raises(RuntimeError, match="step failed"):
-        step()
-    assert seen["model"] is wrapped
-    assert isinstance(seen["adapter"], nn.Identity)
-    assert holder.modules["model"] is net  # restored after the error
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    try:
+        task = KDish().eval()  # eval: no BN update, so both calls see the same weights
+        batch = next(iter(make_loader(BlobDataset(8), 8, 0, CPU, 0, train=False)))
+        wrapper = wrap_task(task, CPU)
+        assert wrapper.module is task
+        out = wrapper(batch)
+        torch.testing.assert_close(out["loss"], task.train_step(batch)["loss"], rtol=0, atol=0)
+        out["loss"].backward()
+        assert all(p.grad is not None for p in task.trainable_parameters())
+        assert all(p.grad is None for p in task.frozen.parameters())
+        assert {id(p) for p in task.trainable_parameters()} == {
+            id(p) for p in task.trained.parameters()}
+    finally:
+        dist.destroy_process_group()
 
 
 def test_gather_embeddings_is_the_identity_without_a_process_group():
@@ -302,7 +302,7 @@ class _ForwardKdTask(ClassificationTask):
     """Trains through ``forward_kd`` (as the KD tasks do): must still go through DDP."""
 
     def _step(self, batch):
-        logits = self.modules["model"].forward_kd(batch["image"])["logits"]
+        logits = self.trained["model"].forward_kd(batch["image"])["logits"]
         return {"loss": F.cross_entropy(logits, batch["label"], weight=self.class_weight),
                 "logits": logits}
 
@@ -326,14 +326,14 @@ def _ddp_fit_worker(rank, out):
     # Float64 (a copy of the model): the claim is that the gathered split *is* the whole
     # split; in float32 the per-batch means of the two batchings differ by rounding, by an
     # amount that depends on the CPU's kernels (issue #18).
-    plain = ClassificationTask(copy.deepcopy(straight.modules["model"]).double())
+    plain = ClassificationTask(copy.deepcopy(straight.trained["model"]).double())
     sharded = evaluate(plain, _tiny_loaders(rank, dtype=torch.float64)[1], CPU)
     whole = evaluate(plain, make_loader(_blobs(21, 2, torch.float64), 8, 0, CPU, 7, train=False),
                      CPU)
     torch.save({
         "full": full.history, "resumed": resumed.history,
-        "weights": {k: v.clone() for k, v in straight.modules["model"].state_dict().items()},
-        "resumed_weights": {k: v.clone() for k, v in resumed_task.modules["model"].state_dict().items()},
+        "weights": {k: v.clone() for k, v in straight.trained["model"].state_dict().items()},
+        "resumed_weights": {k: v.clone() for k, v in resumed_task.trained["model"].state_dict().items()},
         "sharded": (sharded.ids, sharded.logits, sharded.stats), "whole": (whole.ids, whole.logits, whole.stats),
     }, out / f"rank{rank}.pt")
 

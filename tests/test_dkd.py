@@ -10,10 +10,10 @@ import torch
 
 import kd_losses as K
 import models
-from raug.checkpoint import CheckpointError, save_checkpoint
-from raug.config import ConfigError
-from raug.data import CLASS_NAMES
-from raug.methods.dkd import DKDTask, dkd_task, needs_adapter
+from raug.data.loaders import CLASS_NAMES
+from raug.errors import ConfigError
+from raug.files.checkpoint import CheckpointError, save_checkpoint
+from raug.methods.dkd import DKDTask, dkd_task
 from raug.methods.teacher import (
     freeze,
     frozen_forward,
@@ -62,14 +62,19 @@ def batch():
 def make_task(nets, method, **weights):
     """A fresh task on copies of the module-scoped networks (the teacher is shared)."""
     teacher = nets["teacher"]
-    adapter = copy.deepcopy(nets["adapter"]) if needs_adapter(method, weights.get("lambd_crkd", 1)) else None
+    w = K.DKDWeights(**{k: v for k, v in weights.items() if not k.startswith("lambd_")},
+                     lambd_fitnet=weights.get("lambd_fitnet", 1.0),
+                     relational=K.RelationalWeights(weights.get("lambd_drkd", 1.0),
+                                                    weights.get("lambd_crkd", 1000.0)))
+    needs_adapter = K.dkd_method(method).needs_adapter(w)
+    adapter = copy.deepcopy(nets["adapter"]) if needs_adapter else None
     return DKDTask(
         copy.deepcopy(nets["student"]),
         None if method == "none" else teacher,
         adapter,
         class_weight=torch.linspace(0.5, 2.0, 8),
         method=method,
-        **weights,
+        weights=w,
     )
 
 
@@ -78,24 +83,24 @@ def test_one_step_returns_exactly_the_methods_parts_and_updates_only_the_student
     task = make_task(nets, method)
     task.train()
     teacher_before = {k: v.clone() for k, v in nets["teacher"].state_dict().items()}
-    student_before = [p.detach().clone() for p in task.parameters()]
+    student_before = [p.detach().clone() for p in task.trainable_parameters()]
     out = task.train_step(batch)
     assert set(out) == {"loss", "logits"} | PARTS[method]
     assert out["logits"].shape == (N, 8)
     assert out["loss"].requires_grad
     assert out["loss"].dim() == 0
-    opt = torch.optim.SGD(task.parameters(), lr=0.1)
+    opt = torch.optim.SGD(task.trainable_parameters(), lr=0.1)
     out["loss"].backward()
     opt.step()
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(student_before, task.parameters()))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(student_before, task.trainable_parameters()))
     # the teacher: no gradients, eval mode, weights and BN statistics untouched
     teacher = nets["teacher"]
     assert not teacher.training
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, teacher_before[key]), key
-    assert ("teacher" in task.frozen_modules) == (method != "none")
-    assert ("adapter" in task.modules) == (method in ("crkd", "d_kd", "fitnet"))
+    assert ("teacher" in task.frozen) == (method != "none")
+    assert ("adapter" in task.trained) == (method in ("crkd", "d_kd", "fitnet"))
 
 
 @pytest.mark.parametrize("method", list(PARTS))
@@ -103,7 +108,7 @@ def test_total_is_the_weighted_sum_of_parts_recomputed_by_hand(nets, batch, meth
     task = make_task(nets, method, **WEIGHTS)
     task.train()
     out = task.train_step(batch)
-    student, adapter = task.modules["model"], task.modules.get("adapter")
+    student, adapter = task.trained["model"], task.trained.get("adapter")
     x, y, w = batch["image"], batch["label"], task.class_weight
     s = student.forward_kd(x)  # train-mode BN: same batch, same output
     with torch.no_grad():
@@ -151,7 +156,7 @@ def test_eval_step_is_the_students_weighted_ce(nets, batch):
     task.eval()
     with torch.inference_mode():
         out = task.eval_step(batch)
-        logits = task.modules["model"](batch["image"])
+        logits = task.trained["model"](batch["image"])
     assert set(out) == {"loss", "logits"}
     expected = K.weighted_ce(logits, batch["label"], task.class_weight)
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)  # same F.cross_entropy
@@ -190,8 +195,9 @@ def test_task_refuses_a_missing_teacher_or_adapter(nets):
     with pytest.raises(ValueError, match="_kd_method='dkd' is unknown"):
         DKDTask(student, nets["teacher"], None, method="dkd")
     # lambd_crkd = 0 switches the channel relation (and with it the adapter) off
-    task = DKDTask(student, nets["teacher"], None, method="d_kd", lambd_crkd=0.0)
-    assert "adapter" not in task.modules
+    task = DKDTask(student, nets["teacher"], None, method="d_kd",
+                   weights=K.DKDWeights(relational=K.RelationalWeights(lambd_crkd=0.0)))
+    assert "adapter" not in task.trained
 
 
 # ----------------------------------------------------------------------------- teacher files
@@ -208,8 +214,8 @@ def _ctx(config, tmp_path):
 
 def test_method_none_neither_loads_nor_runs_a_teacher(tmp_path, batch):
     task = dkd_task(_ctx({"_kd_method": "none"}, tmp_path))  # the teacher file does not exist
-    assert task.frozen_modules == {}
-    assert set(task.modules) == {"model"}
+    assert dict(task.frozen) == {}
+    assert set(task.trained) == {"model"}
     assert set(task.train_step(batch)) == {"loss", "logits", "ce"}
 
 

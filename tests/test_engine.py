@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raug.checkpoint import is_project_checkpoint, load_checkpoint
-from raug.data import make_loader
-from raug.engine import FitSettings, NonFiniteLossError, evaluate, fit, load_modules
-from raug.outputs import RunOutputs
-from raug.task import BaseTask, ClassificationTask
+from raug.data.loaders import make_loader
+from raug.files.checkpoint import is_project_checkpoint, load_checkpoint
 from raug.testing import BlobDataset, TinyNet
+from raug.train.engine import FitSettings, NonFiniteLossError, evaluate, fit, load_modules
+from raug.train.outputs import RunOutputs
+from raug.train.task import ClassificationTask, Task
 
 pytestmark = pytest.mark.numeric
 
@@ -72,7 +72,7 @@ def test_training_learns_and_writes_loadable_checkpoints(tmp_path):
     assert again.ids == [f"img_{i:04d}" for i in range(24)]
 
 
-class ScriptedTask(BaseTask):
+class ScriptedTask(Task):
     """Validation losses follow a script; training does a harmless step."""
 
     def __init__(self, val_losses):
@@ -81,7 +81,7 @@ class ScriptedTask(BaseTask):
         self.calls = 0
 
     def train_step(self, batch):
-        logits = self.modules["model"](batch["image"])
+        logits = self.trained["model"](batch["image"])
         return {"loss": 0.0 * F.cross_entropy(logits, batch["label"]) + 1.0, "logits": logits}
 
     def eval_step(self, batch):
@@ -89,8 +89,8 @@ class ScriptedTask(BaseTask):
         return {"loss": torch.tensor(loss)}
 
     def eval(self):
-        super().eval()
         self.calls += 1
+        return super().eval()
 
 
 def test_early_stopping_triggers_after_patience(tmp_path):
@@ -125,7 +125,7 @@ def test_best_metric_higher_is_better(tmp_path):
 
 
 def params_of(task):
-    return {k: v.detach().clone() for k, v in task.modules["model"].state_dict().items()}
+    return {k: v.detach().clone() for k, v in task.trained["model"].state_dict().items()}
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
@@ -165,10 +165,11 @@ class ExplodingTask(ClassificationTask):
         self.epoch = 0
         self.batch = -1
 
-    def train(self):
-        super().train()
-        self.epoch += 1
-        self.batch = -1
+    def train(self, mode=True):  # nn.Module.eval() calls train(False)
+        super().train(mode)
+        if mode:
+            self.epoch += 1
+            self.batch = -1
 
     def train_step(self, batch):
         self.batch += 1
@@ -229,7 +230,7 @@ def test_frozen_modules_stay_in_eval_mode_and_out_of_checkpoints(tmp_path):
     class KD(ClassificationTask):
         def __init__(self):
             super().__init__(TinyNet())
-            self.frozen_modules = {"teacher": teacher}
+            self.frozen["teacher"] = teacher
             teacher.requires_grad_(False)
 
         def train_step(self, batch):
@@ -261,7 +262,7 @@ def test_unknown_best_metric_is_reported(tmp_path):
 
 
 def test_amp_setting_per_device(caplog):
-    from raug.device import amp_dtype
+    from raug.train.device import amp_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert amp_dtype(None, cpu) is None
@@ -269,7 +270,7 @@ def test_amp_setting_per_device(caplog):
     assert amp_dtype("bf16", cpu) is torch.bfloat16  # explicit opt-in on CPU (AMX / AVX512-BF16)
     assert amp_dtype("bf16", cuda) is torch.bfloat16
     assert amp_dtype("fp16", cuda) is torch.float16
-    with caplog.at_level("WARNING", logger="raug.device"):
+    with caplog.at_level("WARNING", logger="raug.train.device"):
         assert amp_dtype("fp16", cpu) is None
     assert "_amp='fp16' ignored on cpu" in caplog.text
     with pytest.raises(ValueError, match="_amp='fp8' is unknown"):

@@ -36,8 +36,7 @@ def _ssd(ref, rtf, rss):
         ref["ssd_proj_t"],
         ref["ssd_target"],
         ref["class_weight"],
-        ratio_tf=rtf,
-        ratio_ss=rss,
+        K.SSDKDWeights(ratio_tf=rtf, ratio_ss=rss),
     )
 
 
@@ -51,10 +50,12 @@ GOLDEN_CALLS = {
         "loss"
     ],
     "d_kd_total_drkd1_crkd1000": lambda r: K.d_kd(
-        *_outs(r), r["target"], r["class_weight"], lambd=0.5, T=5, lambd_drkd=1, lambd_crkd=1000
+        *_outs(r), r["target"], r["class_weight"],
+        weights=K.DKDWeights(lambd=0.5, T=5, relational=K.RelationalWeights(1, 1000)),
     )["loss"],
     "d_kd_total_drkd2_crkd10": lambda r: K.d_kd(
-        *_outs(r), r["target"], r["class_weight"], lambd_drkd=2, lambd_crkd=10
+        *_outs(r), r["target"], r["class_weight"],
+        weights=K.DKDWeights(relational=K.RelationalWeights(lambd_drkd=2, lambd_crkd=10)),
     )["loss"],
     "teacher_ss_loss": lambda r: K.rotation_ss_loss(r["ssd_proj_t"]),
     "student_ss_loss": lambda r: K.rotation_ss_loss(r["ssd_proj_s"]),
@@ -382,7 +383,8 @@ def test_ssd_tf_term_averages_exactly_the_kept_rows(ratio_tf, n_expected):
     logits_t[rot_rows] = ROT_LOGITS_T
     logits_s = _rand(8, 3, seed=20)
     proj = _rand(8, 4, seed=21)
-    out = K.ssd_kd_terms(logits_s, logits_t, proj, proj, torch.tensor([0, 2]), ratio_tf=ratio_tf)
+    out = K.ssd_kd_terms(logits_s, logits_t, proj, proj, torch.tensor([0, 2]),
+                          weights=K.SSDKDWeights(ratio_tf=ratio_tf))
     assert int(out["n_tf"]) == n_expected
     mask, _ = K.error_level_mask(ROT_LOGITS_T, ROT_OWN, ratio_tf)
     s, t = logits_s[rot_rows][mask], ROT_LOGITS_T[mask]
@@ -408,7 +410,7 @@ def test_ssd_ss_ranking_by_hand():
     args = (_rand(12, 4, seed=22), _rand(12, 4, seed=23), _rand(12, 5, seed=24), proj_t)
     target = torch.tensor([0, 1, 2])
     for ratio, n_ss in ((0.0, 5), (0.25, 6), (0.5, 7), (0.75, 8), (1.0, 9)):
-        assert int(K.ssd_kd_terms(*args, target, ratio_ss=ratio)["n_ss"]) == n_ss
+        assert int(K.ssd_kd_terms(*args, target, weights=K.SSDKDWeights(ratio_ss=ratio))["n_ss"]) == n_ss
     sim_t = K.view_similarity(proj_t)
     mask, _ = K.error_level_mask(sim_t, torch.arange(3).repeat_interleave(3), 0.5)
     # wrong rows (rotated indices 1, 5, 6, 7) tie at rank 1: the first two are kept
@@ -460,12 +462,9 @@ def test_d_kd_methods_terms_and_weighting(method, keys):
         out_t,
         y,
         cw,
-        lambd=0.3,
-        T=2.0,
-        lambd_drkd=2.0,
-        lambd_crkd=7.0,
         method=method,
-        lambd_fitnet=3.0,
+        weights=K.DKDWeights(lambd=0.3, T=2.0, lambd_fitnet=3.0,
+                             relational=K.RelationalWeights(lambd_drkd=2.0, lambd_crkd=7.0)),
     )
     assert set(r) == keys | {"loss"}
     ce = K.weighted_ce(out_s["logits"], y, cw)
@@ -499,7 +498,8 @@ def test_d_kd_does_not_touch_inactive_inputs_and_rejects_unknown_methods():
 def test_ssd_kd_loss_composes_all_parts():
     out_s, out_t = _full_outs()
     proj_s, proj_t, y = _rand(8, 3, seed=7), _rand(8, 4, seed=8), torch.tensor([0, 3])
-    r = K.ssd_kd_loss(out_s, out_t, proj_s, proj_t, y, hr_w=0.5, lambd_drkd=2.0, lambd_crkd=3.0)
+    r = K.ssd_kd_loss(out_s, out_t, proj_s, proj_t, y, weights=K.SSDKDWeights(
+        hr_w=0.5, relational=K.RelationalWeights(lambd_drkd=2.0, lambd_crkd=3.0)))
     assert set(r) == {
         "loss",
         "ce",
@@ -521,6 +521,6 @@ def test_ssd_kd_loss_composes_all_parts():
     for k in ("ce", "kd", "tf", "ss"):
         torch.testing.assert_close(r[k], terms[k], rtol=0, atol=0)
     assert float(K.rkd_distance(out_s["avg_pool"], out_t["avg_pool"])) == float(r["rkd_distance"])
-    no_hr = K.ssd_kd_loss(out_s, out_t, proj_s, proj_t, y, hr_w=0.0)
+    no_hr = K.ssd_kd_loss(out_s, out_t, proj_s, proj_t, y, weights=K.SSDKDWeights(hr_w=0.0))
     assert float(no_hr["hr"]) == 0.0
     assert "channel_relation" not in no_hr

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import models
-from raug.checkpoint import is_project_checkpoint, load_checkpoint, save_checkpoint
-from raug.config import SHARED_CONFIG, ConfigError, declared_keys
-from raug.data import CLASS_NAMES
+from raug.data.loaders import CLASS_NAMES
+from raug.errors import ConfigError
+from raug.files.checkpoint import is_project_checkpoint, load_checkpoint, save_checkpoint
 from raug.isic2019 import split_hash
 from raug.methods.kd_config import (
     DKD_CONFIG,
@@ -32,7 +32,9 @@ from raug.methods.teacher import (
     load_teacher,
     recorded_split_hash,
 )
-from raug.metrics import balanced_accuracy
+from raug.run.config import SHARED_CONFIG
+from raug.run.experiment import declared_keys
+from raug.train.metrics import balanced_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "experiment" / "isic"

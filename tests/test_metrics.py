@@ -7,7 +7,7 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.exceptions import UndefinedMetricWarning
 
-from raug import metrics as M
+from raug.train import metrics as M
 
 K = 8
 
@@ -135,7 +135,7 @@ def exact_auc(is_positive, scores) -> float:
 
 def test_fixed_inputs_counts_and_rates_equal_sklearn():
     # Exact equality: each value is one division of small integer counts (or a mean of such
-    # values in the same order), computed the same way by sklearn and by raug.metrics.
+    # values in the same order), computed the same way by sklearn and by raug.train.metrics.
     assert M.accuracy(Y, PRED) == skm.accuracy_score(Y, PRED)
     cm = M.confusion_matrix(Y, PRED, K)
     assert cm.dtype == np.int64

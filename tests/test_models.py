@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import models
-from raug.checkpoint import save_checkpoint
+from raug.files.checkpoint import save_checkpoint
 
 LAYOUT = Path(__file__).parent / "data" / "original_checkpoint_layout.json"
 NUM_FEATURES = {"resnet-50": 2048, "mobilenet": 1280}
@@ -236,7 +236,7 @@ def test_resnet_key_maps_are_inverse(nets):
 
 
 def test_unsafe_or_missing_files_fail_clearly(tmp_path):
-    from raug.checkpoint import CheckpointError
+    from raug.files.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="not found"):
         models.load_weights(models.create_model("mobilenet", 8), tmp_path / "nope.pth")

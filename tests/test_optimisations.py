@@ -29,10 +29,10 @@ from benchmarks.baselines.seed_channel_relation import seed_channel_relation
 from benchmarks.baselines.seed_dkd_step import seed_features
 from benchmarks.baselines.seed_ssdkd_step import seed_view_transform, seed_views
 from kd_losses import channel_relation, d_kd, rotate_views
-from raug.engine import FitSettings, default_optimizer, fit, train_one_epoch
 from raug.methods.teacher import frozen_forward
-from raug.outputs import RunOutputs
-from raug.task import ClassificationTask
+from raug.train.engine import FitSettings, default_optimizer, fit, train_one_epoch
+from raug.train.outputs import RunOutputs
+from raug.train.task import ClassificationTask
 
 PX = 64  # 2x2 feature maps: every code path, a fraction of the cost of 224 px
 CPU = torch.device("cpu")
@@ -213,7 +213,7 @@ def test_seed_dkd_step_matches_the_toolkit_step_in_float64(nets):
     seed(batch["image"], batch["label"])
     task = ours.task
     assert_all_close(
-        params(task.modules["model"]) + params(task.modules["adapter"]),
+        params(task.trained["model"]) + params(task.trained["adapter"]),
         params(seed.student) + params(seed.adapter),
         rtol=1e-8, atol=1e-10,
     )
@@ -236,7 +236,7 @@ def test_seed_ssdkd_step_matches_the_toolkit_step_in_float64(nets):
     torch.testing.assert_close(loss_ours, loss_seed, rtol=1e-9, atol=0)
     ours(batch)
     seed(list(raw), labels)
-    mods = ours.task.modules
+    mods = ours.task.trained
     assert_all_close(
         params(mods["model"]) + params(mods["proj_head"]) + params(mods["adapter"]),
         params(seed.student) + params(seed.student_head) + params(seed.adapter),
@@ -275,12 +275,12 @@ def test_toolkit_step_is_the_engines_per_batch_work():
 
     task = ClassificationTask(model, B.class_weight())
     settings = FitSettings(epochs=1, device="cpu")
-    task.to(CPU, torch.channels_last)
-    opt = default_optimizer(settings)(list(task.parameters()))
+    task.to(device=CPU, memory_format=torch.channels_last)
+    opt = default_optimizer(settings)(list(task.trainable_parameters()))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train_one_epoch(task, [batch], opt, scaler, CPU, None, 1, settings)
     # the same code, kernels, weights and batch: equal on any CPU (observed 0)
-    assert_all_close(params(step.task.modules["model"]), params(model), rtol=1e-6, atol=1e-7)
+    assert_all_close(params(step.task.trained["model"]), params(model), rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- AMP
@@ -348,7 +348,7 @@ def test_engine_one_epoch_on_cuda_with_amp_and_channels_last(tmp_path, amp):
     assert np.isfinite(row["train.loss"])
     assert np.isfinite(row["val.loss"])
     assert result.last_checkpoint.is_file()
-    model = task.modules["model"]
+    model = task.trained["model"]
     assert next(model.parameters()).device.type == "cuda"
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -319,8 +319,8 @@ def test_a_crash_mid_way_leaves_no_partial_file_and_a_rerun_resumes(tmp_path, mo
 
 
 def killed_mid_write(path: Path) -> Path:
-    """``kill -9`` a process inside ``raug.atomic``'s write of ``path``; returns the temp it left."""
-    code = ("import os, signal, sys\nfrom raug.atomic import atomic_write_with\n"
+    """``kill -9`` a process inside ``raug.files.atomic``'s write of ``path``; returns the temp it left."""
+    code = ("import os, signal, sys\nfrom raug.files.atomic import atomic_write_with\n"
             "atomic_write_with(sys.argv[1], lambda tmp: os.kill(os.getpid(), signal.SIGKILL))")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], timeout=60)
     assert proc.returncode == -signal.SIGKILL

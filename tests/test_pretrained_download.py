@@ -25,7 +25,7 @@ from torchvision.models._api import Weights, WeightsEnum
 
 import models
 from models import weights as weights_module
-from raug.config import ConfigError
+from raug.errors import ConfigError
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "experiment" / "isic"
 NAME = "mobilenet"

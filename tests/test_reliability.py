@@ -14,12 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
-from raug.checkpoint import CheckpointError, load_checkpoint
-from raug.config import SHARED_CONFIG, ConfigError, check_save_folder, validate_config
-from raug.engine import FitSettings, NonFiniteLossError
-from raug.experiment import ProgressBarFilter, load_resume_state
-from raug.outputs import RunOutputs
+from raug.errors import ConfigError
+from raug.files.checkpoint import CheckpointError, load_checkpoint
+from raug.run.config import SHARED_CONFIG, check_save_folder, validate_config
+from raug.run.experiment import ProgressBarFilter
+from raug.run.runner import load_resume_state
 from raug.testing import write_prepared_dataset
+from raug.train.engine import FitSettings, NonFiniteLossError
+from raug.train.outputs import RunOutputs
 
 TINY_SCRIPT = '''
 """Tiny experiment (TinyNet on a tiny prepared dataset) for the reliability tests."""
@@ -28,8 +30,9 @@ import time
 
 import torch
 
-from raug.experiment import make_experiment, run_training
-from raug.task import ClassificationTask
+from raug.run.experiment import make_experiment
+from raug.run.runner import run_training
+from raug.train.task import ClassificationTask
 from raug.testing import TinyNet
 
 ex = make_experiment("tiny", {"_explode_epoch": 0}, save_name="tiny")
@@ -41,9 +44,10 @@ class SlowTask(ClassificationTask):
         self.explode_epoch = explode_epoch
         self.epoch = 0
 
-    def train(self):
-        super().train()
-        self.epoch += 1
+    def train(self, mode=True):  # nn.Module.eval() calls train(False)
+        super().train(mode)
+        if mode:
+            self.epoch += 1
 
     def train_step(self, batch):
         time.sleep(float(os.environ.get("TINY_SLEEP", "0")))
@@ -234,7 +238,7 @@ def test_corrupt_last_checkpoint_on_resume_names_the_file(tmp_path):
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    from raug.checkpoint import save_checkpoint
+    from raug.files.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "last-checkpoint" / "last-checkpoint.pth",
                     {"config": {"_folder": 2, "_epochs": 3, "seed": 1}})
@@ -269,13 +273,13 @@ def test_progress_bar_filter_only_appends_log_lines():
     f = ProgressBarFilter()
     chunks = ["INFO - a\n\repoch 1/2 train:   0%|    | 0/4 [00:00<?, ?it/s]",
               "\repoch 1/2 train:  50%|##  | 2/4 [00:01<00:01, 1.0it/s, loss=1.2]\r      \r",
-              "INFO - raug.engine - epoch 1/2 | tra", "in loss 1.2\nINFO - done\n"]
+              "INFO - raug.train.engine - epoch 1/2 | tra", "in loss 1.2\nINFO - done\n"]
     captured, seen = "", []
     for chunk in chunks:
         captured = f(captured + chunk)
         assert all(captured.startswith(s) for s in seen)
         seen.append(captured)
-    assert captured == "INFO - a\nINFO - raug.engine - epoch 1/2 | train loss 1.2\nINFO - done\n"
+    assert captured == "INFO - a\nINFO - raug.train.engine - epoch 1/2 | train loss 1.2\nINFO - done\n"
 
 
 def test_default_observer_writes_into_the_save_folder_unless_F_is_given(tiny, tmp_path):
@@ -297,7 +301,7 @@ def test_default_observer_writes_into_the_save_folder_unless_F_is_given(tiny, tm
 
 @pytest.mark.skipif("MONGO_URL" not in os.environ, reason="set MONGO_URL (host:port) to test -m")
 def test_mongo_observer_round_trip(tiny, tmp_path):
-    from raug.runs import load_runs_mongo
+    from raug.report.runs import load_runs_mongo
 
     db = f"raug_test_{os.getpid()}"
     run = tiny["ex"].run(config_updates=updates(tiny, tmp_path / "m", _epochs=1),

@@ -1,4 +1,4 @@
-"""One writer per save folder (issue #20, item 2): raug.runlock and the experiment's lock.
+"""One writer per save folder (issue #20, item 2): raug.files.runlock and the experiment's lock.
 
 The lock is an flock owned by the kernel, so the holders here are real processes, killed
 with SIGKILL where the test is about what a kill leaves behind.
@@ -20,14 +20,14 @@ import pytest
 import test_reliability
 from test_reliability import TINY_ARGS, updates
 
-from raug import runlock
-from raug.config import ConfigError
+from raug.errors import ConfigError
+from raug.files import runlock
 from raug.testing import write_prepared_dataset
 
 # Takes the lock on argv[1], optionally forks a child that outlives it, then reports and waits.
 HOLDER = textwrap.dedent("""
     import os, sys, time
-    from raug import runlock
+    from raug.files import runlock
     lock = runlock.acquire(sys.argv[1])
     child = 0
     if len(sys.argv) > 2:
@@ -146,7 +146,7 @@ def test_a_run_into_a_folder_held_by_a_live_run_is_refused_at_once(tiny, tmp_pat
     folder = tmp_path / "busy"
     proc, _ = start_holder(folder)  # a run that has not written its first checkpoint yet
     holders.append(proc.pid)
-    expected = (f"raug.config.ConfigError: _save_folder={folder} is in use by a running run "
+    expected = (f"raug.run.experiment.ConfigError: _save_folder={folder} is in use by a running run "
                 f"({runlock.holder(folder).describe()}); wait for it to finish or choose another "
                 "_save_folder=<new folder>")
     cli = subprocess.run(tiny_cmd(tiny, folder, "_epochs=1"), capture_output=True, text=True,
@@ -181,7 +181,7 @@ def test_resume_into_a_training_run_is_refused_and_a_killed_run_resumes(tiny, tm
 
 
 def test_run_training_takes_the_lock_for_programmatic_callers(tmp_path, holders):
-    from raug.experiment import run_training
+    from raug.run.runner import run_training
 
     folder = tmp_path / "prog"
     proc, _ = start_holder(folder)
@@ -192,7 +192,7 @@ def test_run_training_takes_the_lock_for_programmatic_callers(tmp_path, holders)
 
 
 def _valid_config(tmp_path):
-    from raug.config import SHARED_CONFIG
+    from raug.run.config import SHARED_CONFIG
 
     data = write_prepared_dataset(tmp_path / "d", n_train=40, n_test=8, size=36)
     return {**SHARED_CONFIG, "_base_path": str(data), "_device": "cpu", "_num_workers": 0}
@@ -202,7 +202,7 @@ def _valid_config(tmp_path):
 def test_a_live_run_is_named_before_the_finished_run_advice(tmp_path, holders, resume):
     # A live run that already wrote a checkpoint: "add _resume=True" would send the user
     # into a second writer; the config check must name the live run first.
-    from raug.config import check_save_folder
+    from raug.run.config import check_save_folder
 
     folder = tmp_path / "run"
     proc, _ = start_holder(folder)

@@ -7,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 
-from raug.runs import load_runs, load_runs_mongo, main, to_markdown
+from raug.report.runs import load_runs, load_runs_mongo, main, to_markdown
 
 
 def fake_run(folder, run_id, name, status, config, result=None, start="2026-01-02T03:04:05.000000",

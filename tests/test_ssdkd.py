@@ -11,9 +11,8 @@ from torch import nn
 
 import kd_losses as K
 import models
-from raug.checkpoint import load_checkpoint
-from raug.config import SHARED_CONFIG
-from raug.data import make_loader
+from raug.data.loaders import make_loader
+from raug.files.checkpoint import load_checkpoint
 from raug.methods.kd_config import SSDKD_CONFIG
 from raug.methods.ssdkd import SSDKDTask, teacher_head_path, uses_adapter
 from raug.methods.teacher import freeze
@@ -26,6 +25,7 @@ from raug.methods.teacher_head import (
     prepare_teacher_head,
     rotation_accuracy,
 )
+from raug.run.config import SHARED_CONFIG
 from raug.testing import BlobDataset, TinyNet, sgd_losses
 
 CPU = torch.device("cpu")
@@ -77,29 +77,32 @@ def batch():
 
 
 def ssd_task(tiny, **weights):
-    adapter = tiny["adapter"] if uses_adapter(weights.get("hr_w", 1.0), weights.get("lambd_crkd", 1.0)) else None
+    w = K.SSDKDWeights(**{k: v for k, v in weights.items() if not k.startswith("lambd_")},
+                       relational=K.RelationalWeights(weights.get("lambd_drkd", 1.0),
+                                                      weights.get("lambd_crkd", 1000.0)))
+    adapter = tiny["adapter"] if uses_adapter(w) else None
     return SSDKDTask(tiny["student"], tiny["student_head"], tiny["teacher"], tiny["teacher_head"],
-                     adapter, class_weight=torch.linspace(0.5, 2.0, 8), **weights)
+                     adapter, class_weight=torch.linspace(0.5, 2.0, 8), weights=w)
 
 
 def test_ssd_step_has_the_named_parts_and_trains_only_student_side(tiny, batch):
     task = ssd_task(tiny)
     task.train()
-    frozen_before = {name: copy.deepcopy(m.state_dict()) for name, m in task.frozen_modules.items()}
-    trained_before = [p.detach().clone() for p in task.parameters()]
+    frozen_before = {name: copy.deepcopy(m.state_dict()) for name, m in task.frozen.items()}
+    trained_before = [p.detach().clone() for p in task.trainable_parameters()]
     out = task.train_step(batch)
     assert set(out) == SSD_PARTS
     assert out["logits"].shape == (B, 8)
     assert out["n_tf"].dtype == torch.int64
     assert 0 <= out["n_tf"].item() <= 3 * B
     assert 0 <= out["n_ss"].item() <= 3 * B
-    opt = torch.optim.SGD(task.parameters(), lr=0.1)
+    opt = torch.optim.SGD(task.trainable_parameters(), lr=0.1)
     out["loss"].backward()
     opt.step()
-    changed = [not torch.equal(a, b.detach()) for a, b in zip(trained_before, task.parameters())]
+    changed = [not torch.equal(a, b.detach()) for a, b in zip(trained_before, task.trainable_parameters())]
     assert all(changed)  # student, its head and the adapter all learn
-    assert set(task.modules) == {"model", "proj_head", "adapter"}
-    for name, module in task.frozen_modules.items():
+    assert set(task.trained) == {"model", "proj_head", "adapter"}
+    for name, module in task.frozen.items():
         assert not module.training, name
         assert all(p.grad is None and not p.requires_grad for p in module.parameters()), name
         for key, value in module.state_dict().items():
@@ -131,7 +134,8 @@ def test_ssd_total_is_the_weighted_sum_of_parts_recomputed_by_hand(tiny, batch):
         t = tiny["teacher"].forward_kd(views)
         proj_t = tiny["teacher_head"](t["avg_pool"])
     terms = K.ssd_kd_terms(s["logits"], t["logits"], proj_s, proj_t, y, w,
-                           **{k: WEIGHTS[k] for k in ("kd_T", "tf_T", "ss_T", "ratio_tf", "ratio_ss")})
+                           weights=K.SSDKDWeights(**{k: WEIGHTS[k] for k in (
+                               "kd_T", "tf_T", "ss_T", "ratio_tf", "ratio_ss")}))
     hand = {
         **terms,
         "rkd_distance": K.rkd_distance(s["avg_pool"], t["avg_pool"]),
@@ -155,7 +159,7 @@ def test_ssd_total_is_the_weighted_sum_of_parts_recomputed_by_hand(tiny, batch):
 
 def test_hr_w_zero_drops_the_relational_terms_and_the_adapter(tiny, batch):
     task = ssd_task(tiny, hr_w=0.0)
-    assert "adapter" not in task.modules
+    assert "adapter" not in task.trained
     out = task.train_step(batch)
     assert set(out) == SSD_PARTS - {"rkd_distance", "rkd_angle", "channel_relation"}
     assert out["hr"].item() == 0.0
@@ -192,7 +196,7 @@ def test_ssd_step_with_the_real_networks(batch):
     out = task.train_step({**batch, "image": images})
     assert set(out) == SSD_PARTS
     out["loss"].backward()
-    assert task.modules["adapter"].conv.weight.grad is not None
+    assert task.trained["adapter"].conv.weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
 
 
@@ -212,10 +216,10 @@ def test_rotation_head_task_step(tiny, batch):
     assert out["ss_acc"].item() == pytest.approx(rotation_accuracy(proj).item())
     before = [p.detach().clone() for p in head.parameters()]
     out["loss"].backward()
-    torch.optim.SGD(task.parameters(), lr=0.1).step()
+    torch.optim.SGD(task.trainable_parameters(), lr=0.1).step()
     assert all(not torch.equal(a, b) for a, b in zip(before, head.parameters()))
     assert all(p.grad is None for p in tiny["teacher"].parameters())
-    assert set(task.modules) == {"model"}
+    assert set(task.trained) == {"model"}
 
 
 def test_rotation_accuracy_counts_views_matched_to_their_image():

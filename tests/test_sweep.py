@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 from test_runlock import kill, start_holder
 
-from raug import runlock
-from raug.checkpoint import load_checkpoint
+from raug.files import runlock
+from raug.files.checkpoint import load_checkpoint
 from raug.isic2019 import split_hash
-from raug.runs import load_runs
-from raug.runs import main as runs_main
-from raug.sweep import (
+from raug.report.runs import load_runs
+from raug.report.runs import main as runs_main
+from raug.run.sweep import (
     EXPERIMENT_DIR,
     Combo,
     GridAxis,
@@ -313,7 +313,7 @@ def test_teacher_per_fold(tmp_path, fake_script):
 SLEEPY_SCRIPT = textwrap.dedent('''
     import sys, time
     from pathlib import Path
-    from raug import runlock
+    from raug.files import runlock
     args = dict(a.split("=", 1) for a in sys.argv[sys.argv.index("with") + 1:] if "=" in a)
     save = Path(args["_save_folder"].strip('"'))
     lock = runlock.acquire(save)
@@ -379,7 +379,7 @@ def test_a_rerun_never_starts_a_second_writer_into_a_live_run(tmp_path, fake_scr
         assert main([*args[:-2], "--dry-run"]) == 0
         assert capsys.readouterr().out.splitlines()[0] == (
             f"[1/1] fold 1 seed 0: busy (in use by {runlock.holder(folder).describe()})")
-        monkeypatch.setattr("raug.sweep.BUSY_WAIT_S", 0.3)
+        monkeypatch.setattr("raug.run.sweep.BUSY_WAIT_S", 0.3)
         assert main(args[:-2]) == 1
         captured = capsys.readouterr()
         assert captured.out.splitlines() == [

@@ -173,7 +173,7 @@ def test_rerun_removes_temporaries_of_a_killed_run(tmp_path):
     synthesize(tmp_path, num_images=12, image_size=32, seed=1, progress=False)
     labels, _ = read_raw(tmp_path)
 
-    def temp(folder: Path, name: str) -> Path:  # named as raug.atomic names them
+    def temp(folder: Path, name: str) -> Path:  # named as raug.files.atomic names them
         fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         return Path(path)

@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from raug.transforms import apply_transform, eval_transform, train_transform
+from raug.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    apply_transform,
+    eval_transform,
+    train_transform,
+)
 
 LOW = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
 HIGH = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))

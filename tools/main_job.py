@@ -61,7 +61,7 @@ def run(cmd: list[str]) -> None:
 
 def completed(save_folder: Path) -> bool:
     """True when ``save_folder`` holds a COMPLETED Sacred run."""
-    from raug.runs import load_runs
+    from raug.report.runs import load_runs
 
     if not save_folder.is_dir():
         return False
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         run(cmd)
 
     banner("7/7 comparison (read back from the Sacred runs)")
-    from raug.compare import comparison_frame, to_markdown, write_comparison
-    from raug.runs import load_runs
+    from raug.report.compare import comparison_frame, to_markdown, write_comparison
+    from raug.report.runs import load_runs
 
     frame = comparison_frame(load_runs([out]), {k: out / v for k, v in FOLDERS.items()})
     paths = write_comparison(frame, out)

@@ -9,7 +9,7 @@ second writer into a folder whose run is still alive (it waits briefly, then rep
 
 import sys
 
-from raug.sweep import main
+from raug.run.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """BASELINE ONLY (benchmarks): the seed's image loading, reading the original full-size JPEGs.
 
-Never imported by the toolkit (``raug.data.IsicDataset`` reads the prepared cache,
+Never imported by the toolkit (``raug.data.loaders.IsicDataset`` reads the prepared cache,
 resized at preparation time to a shorter side of 256-300 px). The seed's raug loader
 opened every original ISIC JPEG (600x450 up to several thousand pixels a side) with PIL
 in every epoch, converted it to RGB and handed the full-size array to the augmentation.
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from raug.transforms import apply_transform
+from raug.data.transforms import apply_transform
 
 
 def seed_read_image(path: str | Path) -> np.ndarray:
@@ -43,7 +43,7 @@ class SeedOriginalsDataset(Dataset):
         image_dir: folder of the originals (``ISIC_2019_Training_Input``).
         ids: image ids (file names without ``.jpg``).
         labels: class indices, one per id.
-        transform: the augmentation (an albumentations pipeline from ``raug.transforms``).
+        transform: the augmentation (an albumentations pipeline from ``raug.data.transforms``).
     """
 
     def __init__(self, image_dir: str | Path, ids: Sequence[str], labels: Sequence[int], transform):

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torchvision import transforms
 
-from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from raug.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from .seed_dkd_step import register_feature_hooks, seed_features, seed_relational
 

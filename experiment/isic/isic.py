@@ -12,9 +12,10 @@ Config keys and the output layout: ``docs/engine.md``.
 """
 
 import models
-from raug.experiment import RunContext, make_experiment, run_training
-from raug.pretrained import add_imagenet_weights_hook
-from raug.task import ClassificationTask
+from raug.run.experiment import make_experiment
+from raug.run.pretrained import add_imagenet_weights_hook
+from raug.train.method import Method, RunContext
+from raug.train.task import ClassificationTask
 
 
 def check_model(config):
@@ -24,16 +25,6 @@ def check_model(config):
     except ValueError as exc:
         return [f"_model_name={config['_model_name']!r} is invalid: {exc}"]
     return []
-
-
-ex = make_experiment(
-    "isic",
-    {"_model_name": "resnet-50"},
-    save_name="isic_teacher",
-    extra_checks=[check_model],
-)
-# _pretrained=True: download missing ImageNet weights before the run folder exists.
-add_imagenet_weights_hook(ex, "_model_name")
 
 
 def teacher_task(ctx: RunContext) -> ClassificationTask:
@@ -47,7 +38,14 @@ def teacher_task(ctx: RunContext) -> ClassificationTask:
     return ClassificationTask(model, ctx.data.class_weight)
 
 
+TEACHER = Method("teacher", teacher_task, checks=(check_model,))
+
+ex = make_experiment("isic", {"_model_name": "resnet-50"}, method=TEACHER, save_name="isic_teacher")
+# _pretrained=True: download missing ImageNet weights before the run folder exists.
+add_imagenet_weights_hook(ex, "_model_name")
+
+
 @ex.automain
 def main(_run, _config):
     """Train the teacher, evaluate its best checkpoint on the validation fold and the test set."""
-    return run_training(_run, _config, teacher_task, extra_checks=[check_model])
+    return ex.train(_run, _config)

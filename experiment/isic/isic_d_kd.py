@@ -12,14 +12,14 @@ default run for ``_folder``). Outputs go to ``_save_folder`` (default
 Config keys and the ``_kd_method`` table: ``docs/methods.md``.
 """
 
-from raug.experiment import run_training
-from raug.methods.dkd import dkd_task
-from raug.methods.kd_config import DKD_CONFIG, DKD_QUICK, dkd_checks, make_kd_experiment
+from raug.methods.dkd import DKD_METHOD
+from raug.methods.kd_config import DKD_CONFIG, DKD_QUICK
+from raug.run.kd_experiment import make_kd_experiment
 
-ex = make_kd_experiment("isic_d_kd", DKD_CONFIG, DKD_QUICK, checks=[dkd_checks])
+ex = make_kd_experiment("isic_d_kd", DKD_CONFIG, DKD_QUICK, DKD_METHOD)
 
 
 @ex.automain
 def main(_run, _config):
     """Distil the teacher into the student, evaluate the best student on val and test."""
-    return run_training(_run, _config, dkd_task, extra_checks=[dkd_checks])
+    return ex.train(_run, _config)

@@ -13,14 +13,14 @@ head and the adapter with the SSD-KD loss. Outputs go to ``_save_folder``
 Config keys and view semantics: ``docs/methods.md``.
 """
 
-from raug.experiment import run_training
-from raug.methods.kd_config import SSDKD_CONFIG, SSDKD_QUICK, make_kd_experiment, ssdkd_checks
-from raug.methods.ssdkd import ssdkd_task
+from raug.methods.kd_config import SSDKD_CONFIG, SSDKD_QUICK
+from raug.methods.ssdkd import SSD_KD_METHOD
+from raug.run.kd_experiment import make_kd_experiment
 
-ex = make_kd_experiment("isic_ssd_kd", SSDKD_CONFIG, SSDKD_QUICK, checks=[ssdkd_checks])
+ex = make_kd_experiment("isic_ssd_kd", SSDKD_CONFIG, SSDKD_QUICK, SSD_KD_METHOD)
 
 
 @ex.automain
 def main(_run, _config):
     """Fit (or reuse) the teacher head, distil into the student, evaluate the best student."""
-    return run_training(_run, _config, ssdkd_task, extra_checks=[ssdkd_checks])
+    return ex.train(_run, _config)

@@ -7,7 +7,7 @@ The subpackage is split so that the ONNX prediction path never imports torch:
   description and ONNX metadata contract), :mod:`~raug.deploy.onnx_backend` (onnxruntime),
   :mod:`~raug.deploy.quantize` (int8) and :mod:`~raug.deploy.predict` (CSV prediction; imports
   torch lazily only for ``.pth`` models); files are written through the dependency-free
-  :mod:`raug.atomic`.
+  :mod:`raug.files.atomic`.
 * torch: :mod:`~raug.deploy.torch_backend` (checkpoint -> model), :mod:`~raug.deploy.export`,
   :mod:`~raug.deploy.gradcam` and :mod:`~raug.deploy.synthetic` (stand-in images and
   random-weight models for tests and benchmarks).

@@ -39,15 +39,22 @@ import onnx
 import torch
 from torch import nn
 
-from raug.atomic import atomic_write_with
-from raug.checkpoint import CheckpointError
 from raug.deploy.filekind import TORCHSCRIPT_META, is_deploy_onnx, is_deploy_torchscript
 from raug.deploy.images import DEFAULT_PREPARE_SIZE
 from raug.deploy.onnx_backend import make_session
-from raug.deploy.predict import AUTO_PREPARE_SIZE, parse_prepare_size
+from raug.deploy.predict import parse_prepare_size
 from raug.deploy.safety import InputGuard, Output, check_outputs, command_error, os_error_line
-from raug.deploy.spec import INPUT_NAME, OUTPUT_KINDS, ModelSpec, SpecError, spec_to_metadata
+from raug.deploy.spec import (
+    AUTO_PREPARE_SIZE,
+    INPUT_NAME,
+    OUTPUT_KINDS,
+    ModelSpec,
+    SpecError,
+    spec_to_metadata,
+)
 from raug.deploy.torch_backend import load_model
+from raug.files.atomic import atomic_write_with
+from raug.files.checkpoint import CheckpointError
 
 DEFAULT_TOL = 1e-4
 VERIFY_BATCHES = (1, 3)

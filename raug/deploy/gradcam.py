@@ -23,8 +23,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
-from raug.atomic import atomic_write_bytes
 from raug.deploy.filekind import OVERLAY_SOFTWARE
+from raug.files.atomic import atomic_write_bytes
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:

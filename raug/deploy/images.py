@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from raug.image_size import shorter_side_size
+from raug.isic2019.image_size import shorter_side_size
 
 #: PIL's own default limit (about 9459 x 9459 px): far above the largest ISIC 2019 image
 #: (a few thousand px a side), far below what a crafted header can claim.

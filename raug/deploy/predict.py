@@ -29,7 +29,6 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from raug.atomic import atomic_write_text
 from raug.deploy.filekind import (
     describe_file,
     is_tool_overlay,
@@ -53,7 +52,7 @@ from raug.deploy.safety import (
     os_error_line,
     write_failure,
 )
-from raug.deploy.spec import ModelSpec, SpecError
+from raug.deploy.spec import AUTO_PREPARE_SIZE, ModelSpec, SpecError, resolve_prepare_size
 from raug.deploy.submission import (
     DEFAULT_FORMAT,
     FORMATS,
@@ -63,34 +62,9 @@ from raug.deploy.submission import (
     isic2019_class_index,
     render,
 )
+from raug.files.atomic import atomic_write_text
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt")
-
-#: ``prepare_size`` default: the size the model's training images were prepared at.
-AUTO_PREPARE_SIZE = "auto"
-
-
-def resolve_prepare_size(requested: int | str | None, spec: ModelSpec) -> int | None:
-    """The shorter side new images are shrunk to before the evaluation transform.
-
-    Args:
-        requested: a size in px, ``None`` (feed images as they are) or
-            :data:`AUTO_PREPARE_SIZE`: the ``size`` of the model's recorded
-            ``data_preparation`` (``None`` there: trained on originals), and for models
-            without that record (seed checkpoints, older exports) ``run_preprocess.sh``'s
-            default, :data:`~raug.deploy.images.DEFAULT_PREPARE_SIZE`.
-        spec: the model's spec.
-
-    Returns:
-        The size in px, or ``None`` for no shrinking.
-    """
-    if requested != AUTO_PREPARE_SIZE:
-        return requested  # type: ignore[return-value]
-    preparation = spec.extra.get("data_preparation")
-    if isinstance(preparation, dict) and "size" in preparation:
-        return preparation["size"]
-    return DEFAULT_PREPARE_SIZE
-
 
 class Predictor(Protocol):
     """What :func:`predict_images` needs from a backend."""

@@ -30,7 +30,6 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from raug.atomic import atomic_write_with
 from raug.deploy.images import (
     DEFAULT_MAX_PIXELS,
     ImageLoadError,
@@ -40,6 +39,7 @@ from raug.deploy.images import (
 from raug.deploy.onnx_backend import OnnxPredictor, read_metadata
 from raug.deploy.preprocess import preprocess
 from raug.deploy.spec import INPUT_NAME, ModelSpec, file_sha256
+from raug.files.atomic import atomic_write_with
 
 
 def _import_ort_quantization() -> tuple[ModuleType, Callable[..., None]]:
@@ -151,7 +151,7 @@ def calibration_inputs(
     Raises:
         FileNotFoundError: the folder is missing or holds no readable image.
     """
-    from raug.deploy.predict import resolve_prepare_size
+    from raug.deploy.spec import resolve_prepare_size
 
     prepare_size = resolve_prepare_size(prepare_size, spec)
     folder = Path(folder)

@@ -192,7 +192,7 @@ def check_outputs(outputs: Sequence[Output], guard: InputGuard, force: bool = Fa
 def write_failure(path: str | os.PathLike, exc: OSError) -> str:
     """One line for a write that failed after the checks (e.g. the file system went read-only).
 
-    Errors that already carry a one-line message of their own (``raug.atomic.DiskFullError``
+    Errors that already carry a one-line message of their own (``raug.files.atomic.DiskFullError``
     overrides ``__str__``) keep it; plain ``OSError`` becomes ``cannot write PATH: reason``.
     """
     if type(exc).__str__ is not OSError.__str__:

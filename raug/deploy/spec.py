@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from raug.deploy.images import DEFAULT_PREPARE_SIZE
+
 DEPLOY_FORMAT = "ssdkd-deploy"
 DEPLOY_FORMAT_VERSION = 1
 INPUT_NAME = "input"
@@ -99,7 +101,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 def spec_from_checkpoint(
     ckpt: Mapping[str, Any], path: str | os.PathLike, output_kind: str = "probs"
 ) -> ModelSpec:
-    """Build the spec of a project checkpoint (see :mod:`raug.checkpoint` for the schema).
+    """Build the spec of a project checkpoint (see :mod:`raug.files.checkpoint` for the schema).
 
     Args:
         ckpt: the loaded checkpoint dict.
@@ -117,7 +119,7 @@ def spec_from_checkpoint(
     if missing:
         raise SpecError(
             f"checkpoint {path} is not self-describing: missing key(s) {missing} "
-            f"(expected a project checkpoint written by raug.checkpoint.save_checkpoint)"
+            f"(expected a project checkpoint written by raug.files.checkpoint.save_checkpoint)"
         )
     epoch = ckpt.get("epoch")
     source = {
@@ -263,3 +265,29 @@ def _build_spec(
         source=dict(source),
         extra=dict(extra or {}),
     )
+
+
+#: ``prepare_size`` default: the size the model's training images were prepared at.
+AUTO_PREPARE_SIZE = "auto"
+
+
+def resolve_prepare_size(requested: int | str | None, spec: ModelSpec) -> int | None:
+    """The shorter side new images are shrunk to before the evaluation transform.
+
+    Args:
+        requested: a size in px, ``None`` (feed images as they are) or
+            :data:`AUTO_PREPARE_SIZE`: the ``size`` of the model's recorded
+            ``data_preparation`` (``None`` there: trained on originals), and for models
+            without that record (seed checkpoints, older exports) ``run_preprocess.sh``'s
+            default, :data:`~raug.deploy.images.DEFAULT_PREPARE_SIZE`.
+        spec: the model's spec.
+
+    Returns:
+        The size in px, or ``None`` for no shrinking.
+    """
+    if requested != AUTO_PREPARE_SIZE:
+        return requested  # type: ignore[return-value]
+    preparation = spec.extra.get("data_preparation")
+    if isinstance(preparation, dict) and "size" in preparation:
+        return preparation["size"]
+    return DEFAULT_PREPARE_SIZE

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import models
-from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from raug.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raug.deploy.preprocess import preprocess
 
 #: The eight ISIC 2019 diagnoses in label (alphabetical) order, as the engine writes them.
@@ -179,7 +179,7 @@ def demo_checkpoint_payload(
         **overrides: keys to replace or add (e.g. ``data_preparation``).
 
     Returns:
-        The payload for :func:`raug.checkpoint.save_checkpoint`.
+        The payload for :func:`raug.files.checkpoint.save_checkpoint`.
     """
     payload = {
         "model_name": model_name,

@@ -13,12 +13,12 @@ from torch import nn
 from tqdm import tqdm
 
 import models
-from raug.checkpoint import load_checkpoint
 from raug.deploy.filekind import model_file_problem, overlay_path
 from raug.deploy.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_rgb
 from raug.deploy.preprocess import preprocess
 from raug.deploy.spec import ModelSpec, SpecError, spec_from_checkpoint
-from raug.device import resolve_device
+from raug.files.checkpoint import load_checkpoint
+from raug.train.device import resolve_device
 
 
 def load_model(
@@ -27,7 +27,7 @@ def load_model(
     """Rebuild the network of a project checkpoint in eval mode.
 
     Args:
-        path: checkpoint written by :func:`raug.checkpoint.save_checkpoint`.
+        path: checkpoint written by :func:`raug.files.checkpoint.save_checkpoint`.
         device: where to put the model.
         output_kind: recorded in the spec (``"probs"`` or ``"logits"``).
 
@@ -35,7 +35,7 @@ def load_model(
         ``(model, spec)``.
 
     Raises:
-        raug.checkpoint.CheckpointError: missing/corrupt/unsafe file (names it).
+        raug.files.checkpoint.CheckpointError: missing/corrupt/unsafe file (names it).
         SpecError: not self-describing, or an unknown architecture (names file and value),
             or a file of another kind (a CSV, an image, an ONNX export...; names what it is).
     """
@@ -112,7 +112,7 @@ class TorchPredictor:
             The written files.
         """
         from raug.deploy.gradcam import grad_cam, save_overlay
-        from raug.deploy.predict import resolve_prepare_size
+        from raug.deploy.spec import resolve_prepare_size
 
         prepare_size = resolve_prepare_size(prepare_size, self.spec)
 

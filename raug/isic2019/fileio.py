@@ -1,6 +1,6 @@
 """Small file helpers for the data pipeline: hashing, change detection, stale temporaries.
 
-Writes go through :mod:`raug.atomic`. Prepared images are a re-creatable cache, so they are
+Writes go through :mod:`raug.files.atomic`. Prepared images are a re-creatable cache, so they are
 written without ``fsync`` (``durable=False``); the CSVs and JSON files that describe them
 are ``fsync``-ed.
 """
@@ -13,9 +13,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from raug.atomic import atomic_write_bytes
+from raug.files.atomic import atomic_write_bytes
 
-# raug.atomic names its temporaries with tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp"):
+# raug.files.atomic names its temporaries with tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp"):
 # a dot, the target's name, a dot, 8 characters of tempfile's alphabet, ".tmp". A kill -9
 # between creating and renaming one leaves it behind (tests/test_prepare.py makes real ones).
 _ATOMIC_TEMP = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
@@ -45,7 +45,7 @@ def sha256_bytes(*chunks: bytes) -> str:
 
 
 def atomic_temp_target(name: str) -> str | None:
-    """The file name that a :mod:`raug.atomic` temporary called ``name`` was to become.
+    """The file name that a :mod:`raug.files.atomic` temporary called ``name`` was to become.
 
     Returns:
         The target's name, or ``None`` when ``name`` is not such a temporary.
@@ -57,7 +57,7 @@ def atomic_temp_target(name: str) -> str | None:
 def remove_stale_temps(folder: Path, is_target: Callable[[str], bool]) -> int:
     """Delete the temporaries that killed atomic writes of this tool left in ``folder``.
 
-    Only plain files named like :mod:`raug.atomic`'s temporaries and whose target name
+    Only plain files named like :mod:`raug.files.atomic`'s temporaries and whose target name
     passes ``is_target`` are removed; subfolders and any other file stay. Call it only where
     no other process of the tool is writing the same folder.
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile
 
-from raug.image_size import shorter_side_size
+from raug.isic2019.image_size import shorter_side_size
 
 JPEG_QUALITY = 95
 # Identifies how resized outputs are produced; part of the reuse check, so a

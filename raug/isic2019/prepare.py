@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from raug.atomic import atomic_write_bytes
+from raug.files.atomic import atomic_write_bytes
 from raug.isic2019.download import DEFAULT_BASE_URL
 from raug.isic2019.download import run as run_download
 from raug.isic2019.fileio import remove_stale_temps, sha256_bytes, write_if_changed

@@ -1,27 +1,28 @@
 """Config keys of the two distillation scripts, defined once, and their validation.
 
 ``isic_d_kd.py`` and ``isic_ssd_kd.py`` get the shared engine keys
-(:data:`raug.config.SHARED_CONFIG`), then :data:`KD_SHARED_CONFIG`, then their
+(:data:`raug.run.config.SHARED_CONFIG`), then :data:`KD_SHARED_CONFIG`, then their
 own block (:data:`DKD_CONFIG` / :data:`SSDKD_CONFIG`), then the config scope
-:func:`kd_paths` (defaults that depend on other keys). Validation extends the
-engine's config hook through ``extra_checks``: every problem is one line naming
-the key and the allowed values, raised before Sacred creates a run folder.
+:func:`kd_paths` (defaults that depend on other keys). The loss weights' keys and
+defaults come from the weights classes (``kd_losses.weights``), the allowed
+``_kd_method`` values, the adapter and the minimum batch from the method tables
+(``kd_losses.methods``): :func:`family_checks` is the one check of a family. Every
+problem is one line naming the key and the allowed values; the experiment's
+config hook raises them before a run folder exists (``raug.run.kd_experiment``).
 The keys are documented in ``docs/methods.md``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from sacred import Experiment
-
 import models
-from kd_losses import KD_METHODS
-from raug.config import RESULTS_DIR, ConfigError, Warn, resolve_repo_path
-from raug.data import CLASS_NAMES
-from raug.experiment import make_experiment
+from kd_losses import DKD_FAMILY, SSD_KD_FAMILY, DKDWeights, SSDKDWeights
+from kd_losses.methods import MIN_BATCH
+from kd_losses.weights import config_defaults, weight_problems
+from raug.data.loaders import CLASS_NAMES
+from raug.files.paths import RESULTS_DIR, resolve_repo_path
 from raug.isic2019 import DataError, split_hash
 from raug.methods.teacher import (
     default_teacher_ckpt,
@@ -29,7 +30,11 @@ from raug.methods.teacher import (
     split_findings,
     teacher_file_problems,
 )
-from raug.pretrained import add_imagenet_weights_hook
+from raug.train.method import Warn
+
+# The relational block's keys (_lambd_drkd, _lambd_crkd) are in both families' weights.
+_RELATIONAL_KEYS = {k: v for k, v in config_defaults(DKDWeights).items()
+                    if k in config_defaults(SSDKDWeights)}
 
 # Keys both KD scripts share (the seed's names and defaults).
 KD_SHARED_CONFIG: dict[str, Any] = {
@@ -37,18 +42,16 @@ KD_SHARED_CONFIG: dict[str, Any] = {
     "_model_name_student": "mobilenet",
     "_layer_s": "feats_7x7",  # the only supported layer: the last 1/32 stage
     "_layer_t": "feats_7x7",
-    "_lambd_drkd": 1.0,  # RKD block: lambd_drkd * (25 distance + 50 angle)
-    "_lambd_crkd": 1000.0,  # channel relation
+    **_RELATIONAL_KEYS,  # RKD block: lambd_drkd * (25 distance + 50 angle); channel relation
     # True: accept a teacher trained on another preparation of the data (its split_hash
     # differs, so its training images may include this run's test images); warns only.
     "_allow_split_mismatch": False,
 }
 
 DKD_CONFIG: dict[str, Any] = {
-    "_kd_method": "d_kd",  # none / blkd / rkd / crkd / d_kd / fitnet
-    "_lambd": 0.5,  # (1 - lambd) CE_w + lambd T^2 soft_kd
-    "_T": 5.0,
-    "_lambd_fitnet": 1.0,  # hint weight of _kd_method="fitnet"
+    "_kd_method": "d_kd",  # a row of kd_losses.DKD_FAMILY: none / blkd / rkd / crkd / d_kd / fitnet
+    # _lambd, _T, _lambd_fitnet: (1 - lambd) CE_w + lambd T^2 soft_kd; the fitnet hint's weight
+    **{k: v for k, v in config_defaults(DKDWeights).items() if k not in _RELATIONAL_KEYS},
 }
 
 SSDKD_CONFIG: dict[str, Any] = {
@@ -56,12 +59,8 @@ SSDKD_CONFIG: dict[str, Any] = {
     "_batch_size": 32,  # images per batch (each becomes 4 views); the seed's value
     "_epochs_tune": 60,  # phase 1: teacher projection-head epochs
     "_teacher_head": None,  # None: <_save_folder>/teacher-head/teacher-head.pth
-    "_kd_T": 4.0,
-    "_tf_T": 4.0,
-    "_ss_T": 0.5,
-    "_ratio_tf": 1.0,
-    "_ratio_ss": 0.75,
-    "_hr_w": 1.0,
+    # _kd_T, _tf_T, _ss_T, _ratio_tf, _ratio_ss, _hr_w (kd_losses.SSDKDWeights)
+    **{k: v for k, v in config_defaults(SSDKDWeights).items() if k not in _RELATIONAL_KEYS},
 }
 
 # Additions to the engine's ``quick`` preset (64 px, no ImageNet weights, ...).
@@ -69,9 +68,9 @@ DKD_QUICK: dict[str, Any] = {"_epochs": 2, "_batch_size": 8}
 SSDKD_QUICK: dict[str, Any] = {"_epochs": 2, "_epochs_tune": 2, "_batch_size": 4}
 
 SUPPORTED_LAYER = "feats_7x7"
-RKD_MIN_BATCH = 3  # RKD angle compares triplets of samples
-SSD_KD_METHOD = "ssd_kd"
 STUDENT_SAVE_PREFIX = "student"
+# Each script trains one family; the other family's methods are named in its refusal.
+FAMILIES = {"isic_d_kd.py": DKD_FAMILY, "isic_ssd_kd.py": SSD_KD_FAMILY}
 
 
 def default_student_folder(kd_method: str, folder: int) -> str:
@@ -96,27 +95,6 @@ def kd_paths(_folder, _kd_method):
 Problems = list[str]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _need_number(
-    config: Mapping[str, Any], key: str, problems: Problems, *, positive: bool = False,
-    maximum: float | None = None,
-) -> None:
-    """Append a problem unless ``config[key]`` is a number >= 0 (> 0 / <= maximum if asked)."""
-    value = config.get(key)
-    ok = _is_number(value) and (value > 0 if positive else value >= 0)
-    if ok and maximum is not None:
-        ok = value <= maximum
-    if not ok:
-        if maximum is not None:
-            allowed = f"a number in [0, {maximum:g}]"
-        else:
-            allowed = "a number > 0" if positive else "a number >= 0"
-        problems.append(f"{key}={value!r} is invalid: expected {allowed}")
-
-
 def _model_problem(config: Mapping[str, Any], key: str) -> str | None:
     try:
         models.canonical_name(config.get(key))
@@ -138,8 +116,6 @@ def kd_shared_checks(config: Mapping[str, Any]) -> Problems:
                 f"{key}={config.get(key)!r} is invalid: only {SUPPORTED_LAYER!r} (the last "
                 "1/32 feature map) is supported"
             )
-    for key in ("_lambd_drkd", "_lambd_crkd"):
-        _need_number(config, key, problems)
     allow = config.get("_allow_split_mismatch")
     if not isinstance(allow, bool):
         problems.append(f"_allow_split_mismatch={allow!r} is invalid: expected True or False")
@@ -189,96 +165,49 @@ def teacher_split_problems(config: Mapping[str, Any], warn: Warn | None = None) 
     return problems
 
 
-def uses_rkd(config: Mapping[str, Any]) -> bool:
-    """Whether a D-KD config activates the RKD distance/angle terms."""
-    return config.get("_kd_method") in ("rkd", "d_kd") and config.get("_lambd_drkd") != 0
+def family_checks(script: str, config: Mapping[str, Any]) -> Problems:
+    """Problems with the keys of a KD script's config (the teacher file: :func:`teacher_checks`).
 
-
-def dkd_checks(config: Mapping[str, Any]) -> Problems:
-    """Problems with the keys of an ``isic_d_kd.py`` config (the teacher file: :func:`teacher_checks`)."""
+    From the method table of the script's family (``kd_losses.methods``): the allowed
+    ``_kd_method`` values, the weights' keys and ranges (``kd_losses.weights``), and the
+    method's minimum ``_batch_size`` for the configured weights.
+    """
+    family = FAMILIES[script]
     problems = kd_shared_checks(config)
     method = config.get("_kd_method")
-    if method not in KD_METHODS:
-        problems.append(f"_kd_method={method!r} is invalid: allowed {list(KD_METHODS)}")
-    _need_number(config, "_lambd", problems, maximum=1.0)
-    _need_number(config, "_T", problems, positive=True)
-    _need_number(config, "_lambd_fitnet", problems)
+    if method not in family:
+        others = [name for name, rows in FAMILIES.items() if name != script and method in rows]
+        where = f" for {script}" if others else ""
+        runs = f" (it runs with {others[0]})" if others else ""
+        problems.append(f"_kd_method={method!r} is invalid{where}: allowed {list(family)}{runs}")
+    row = family.get(method)
+    weight_class = next(iter(family.values())).weights_class
+    weight_issues = weight_problems(weight_class, config)
+    problems += weight_issues
     batch = config.get("_batch_size")
-    if uses_rkd(config) and isinstance(batch, int) and batch < RKD_MIN_BATCH:
-        problems.append(
-            f"_batch_size={batch!r} is invalid for _kd_method={method!r}: the RKD angle needs "
-            f">= {RKD_MIN_BATCH} samples per batch"
-        )
+    if row is not None and not weight_issues and isinstance(batch, int):
+        minimum = row.min_batch(weight_class.from_config(config))
+        # below MIN_BATCH: the engine's shared _batch_size rule names the problem already
+        if MIN_BATCH <= batch < minimum:
+            problems.append(
+                f"_batch_size={batch!r} is invalid for _kd_method={method!r}: the RKD angle "
+                f"needs >= {minimum} samples per batch"
+            )
     return problems
 
 
+def dkd_checks(config: Mapping[str, Any]) -> Problems:
+    """Problems with the keys of an ``isic_d_kd.py`` config."""
+    return family_checks("isic_d_kd.py", config)
+
+
 def ssdkd_checks(config: Mapping[str, Any]) -> Problems:
-    """Problems with the keys of an ``isic_ssd_kd.py`` config (the teacher file: :func:`teacher_checks`)."""
-    problems = kd_shared_checks(config)
-    method = config.get("_kd_method")
-    if method != SSD_KD_METHOD:
-        problems.append(
-            f"_kd_method={method!r} is invalid for isic_ssd_kd.py: allowed [{SSD_KD_METHOD!r}] "
-            "(the D-KD ablations run with isic_d_kd.py)"
-        )
-    for key in ("_kd_T", "_tf_T", "_ss_T"):
-        _need_number(config, key, problems, positive=True)
-    for key in ("_ratio_tf", "_ratio_ss"):
-        _need_number(config, key, problems, maximum=1.0)
-    _need_number(config, "_hr_w", problems)
+    """Problems with the keys of an ``isic_ssd_kd.py`` config (besides ``_kd_method``'s table)."""
+    problems = family_checks("isic_ssd_kd.py", config)
     tune = config.get("_epochs_tune")
     if not (isinstance(tune, int) and not isinstance(tune, bool) and tune >= 1):
         problems.append(f"_epochs_tune={tune!r} is invalid: expected an integer >= 1")
     head = config.get("_teacher_head")
     if head is not None and not (isinstance(head, str) and head):
         problems.append(f"_teacher_head={head!r} is invalid: expected None or a file path")
-    # _batch_size >= 2 images (each rotated view is matched among them): shared check.
     return problems
-
-
-# ----------------------------------------------------------------------------- experiment
-
-
-def make_kd_experiment(
-    name: str,
-    method_config: Mapping[str, Any],
-    quick_overrides: Mapping[str, Any],
-    checks: Iterable[Callable[[Mapping[str, Any]], Iterable[str]]],
-) -> Experiment:
-    """The Sacred experiment of a KD script: engine keys + KD keys + method keys + defaults.
-
-    Validation: ``checks`` (the keys) extend the engine's config hook; a second
-    hook then checks the teacher file (:func:`teacher_checks`) for the main
-    command only, like the engine's data checks, so ``print_config`` works
-    before a teacher exists; a third one fetches the student's ImageNet weights
-    for ``_pretrained=True`` (:mod:`raug.pretrained`, main command only). All
-    run before any run folder is created.
-
-    Args:
-        name: experiment name.
-        method_config: :data:`DKD_CONFIG` or :data:`SSDKD_CONFIG`.
-        quick_overrides: :data:`DKD_QUICK` or :data:`SSDKD_QUICK`.
-        checks: the script's key checks (e.g. ``[dkd_checks]``).
-    """
-    ex = make_experiment(
-        name,
-        {**KD_SHARED_CONFIG, **dict(method_config)},
-        quick_overrides,
-        path_keys=("_teacher_ckpt", "_teacher_head"),
-        extra_checks=checks,
-    )
-    ex.config(kd_paths)
-
-    @ex.config_hook
-    def check_teacher_file(config, command_name, logger):
-        # Sacred runs the hooks in order: the engine's (keys, data, save folder)
-        # has passed when this one runs, so the keys used here are valid.
-        if command_name == ex.default_command:
-            problems = teacher_checks(config, warn=logger.warning)
-            if problems:
-                raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-        return {}
-
-    # Last: a download only starts once everything else about the run is valid.
-    add_imagenet_weights_hook(ex, "_model_name_student")
-    return ex

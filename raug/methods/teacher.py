@@ -7,7 +7,7 @@ Accepted files (all read with ``weights_only=True``):
 * the seed's published checkpoints ``{"epoch": ..., "model_state_dict": sd}`` and
   bare state dicts: architecture and class count are read from the keys and the
   classifier's shape; their classes are taken to be the seed's alphabetical
-  order (:data:`raug.data.CLASS_NAMES`), which is all the seed ever used.
+  order (:data:`raug.data.loaders.CLASS_NAMES`), which is all the seed ever used.
 
 A frozen teacher is in eval mode with ``requires_grad_(False)`` and runs under
 ``torch.inference_mode()`` (:func:`frozen_forward`).
@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 import models
-from raug.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
-from raug.config import ConfigError, default_save_folder, resolve_repo_path
-from raug.engine import BEST_CHECKPOINT
+from raug.errors import ConfigError
+from raug.files.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
+from raug.files.paths import default_save_folder, resolve_repo_path
+from raug.train.engine import BEST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ The head file (default ``<_save_folder>/teacher-head/teacher-head.pth``, or
 It is written only after the fit has finished (atomically), so a crash never
 leaves a head that looks complete. A later run reuses it when the teacher's
 bytes (sha256) and the fit settings are the same, and refits otherwise; the
-log says which. The fit itself is :func:`raug.engine.fit` with
-:class:`raug.methods.ssdkd.RotationHeadTask`, SGD (lr ``_lr_init``, momentum
+log says which. The fit itself is :func:`raug.train.engine.fit` with
+:class:`RotationHeadTask`, SGD (lr ``_lr_init``, momentum
 0.9, weight decay 1e-3), MultiStepLR (x0.1 at epochs 30 and 45) and early
 stopping on the validation SS loss; its working checkpoints live in
 ``<head stem>-phase1/`` next to the head file (resumable with ``_resume=True``)
@@ -37,12 +37,12 @@ from torch.optim.lr_scheduler import MultiStepLR
 
 from kd_losses import rotate_views, rotation_ss_loss, view_similarity
 from kd_losses.views import own_columns
-from raug.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from raug.distributed import barrier, gather_embeddings, is_main_process
-from raug.engine import FitSettings, fit
+from raug.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from raug.methods.teacher import freeze, frozen_forward
-from raug.outputs import RunOutputs
-from raug.task import BaseTask
+from raug.train.distributed import barrier, gather_embeddings, is_main_process
+from raug.train.engine import FitSettings, fit
+from raug.train.outputs import RunOutputs
+from raug.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ def rotation_accuracy(proj: torch.Tensor) -> torch.Tensor:
     return (sim.argmax(dim=1) == own_columns(sim.shape[1], sim.device)).float().mean()
 
 
-class RotationHeadTask(BaseTask):
+class RotationHeadTask(Task):
     """Phase 1: fit ``head`` on the frozen teacher's ``avg_pool`` of the four rotations.
 
     Steps return ``loss`` (``kd_losses.rotation_ss_loss``) and ``ss_acc``
-    (:func:`rotation_accuracy`); no logits. ``modules["model"]`` is the head.
+    (:func:`rotation_accuracy`); no logits. ``trained["model"]`` is the head.
     """
 
     def __init__(self, head: nn.Module, teacher: nn.Module):
@@ -74,9 +74,9 @@ class RotationHeadTask(BaseTask):
 
     def _step(self, batch: dict) -> dict:
         views = rotate_views(batch["image"])
-        pooled = frozen_forward(self.frozen_modules["teacher"], views)["avg_pool"]
+        pooled = frozen_forward(self.frozen["teacher"], views)["avg_pool"]
         # _gather_embeddings=True under torchrun: the rotation task over the global batch
-        proj = gather_embeddings(self.modules["model"](pooled))
+        proj = gather_embeddings(self.model(pooled))
         return {"loss": rotation_ss_loss(proj), "ss_acc": rotation_accuracy(proj.detach())}
 
     def train_step(self, batch: dict) -> dict:

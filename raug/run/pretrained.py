@@ -16,7 +16,7 @@ from typing import Any
 from sacred import Experiment
 
 import models
-from raug.config import ConfigError
+from raug.errors import ConfigError
 
 
 def needs_imagenet_weights(config: Mapping[str, Any]) -> bool:

@@ -20,7 +20,7 @@ weights_only=True)`` can read (tensors, numbers, strings, lists, dicts only):
 ``save_checkpoint`` writes to a temporary file in the same folder, fsyncs it
 and ``os.replace``-s it over the target, so a crash leaves either the previous
 file or the new one, never half of one; a full disk raises
-:class:`raug.atomic.DiskFullError` (one line naming the file and the space left)
+:class:`raug.files.atomic.DiskFullError` (one line naming the file and the space left)
 and leaves the previous checkpoint intact. ``load_checkpoint`` refuses pickles
 that would run code (``weights_only=True``) and names the file in every error.
 """
@@ -37,12 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from raug.atomic import atomic_write_with
+from raug.files.atomic import atomic_write_with
 
 FORMAT = "ssdkd-checkpoint"
 FORMAT_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class CheckpointError(RuntimeError):

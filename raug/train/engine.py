@@ -1,6 +1,6 @@
 """The one training loop every method shares.
 
-:func:`fit` trains a :class:`raug.task.Task`: device placement, channels-last,
+:func:`fit` trains a :class:`raug.train.task.Task`: device placement, channels-last,
 AMP, optional ``torch.compile``, SGD + ReduceLROnPlateau (or caller-supplied
 optimizer/scheduler factories), early stopping on a validation value,
 checkpoints every epoch (atomic; best and last), exact resume, per-epoch
@@ -12,7 +12,6 @@ epoch of training and one pass of evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -29,11 +28,10 @@ from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
-from raug.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
-from raug.data import set_loader_epoch
-from raug.device import amp_dtype, autocast, resolve_device
-from raug.distributed import (
-    DataParallelModules,
+from raug.data.loaders import set_loader_epoch
+from raug.files.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
+from raug.train.device import amp_dtype, autocast, resolve_device
+from raug.train.distributed import (
     all_gather_object,
     barrier,
     broadcast_object,
@@ -44,11 +42,12 @@ from raug.distributed import (
     get_world_size,
     is_initialized,
     is_main_process,
+    wrap_task,
 )
-from raug.early_stopping import EarlyStopping, metric_mode
-from raug.metrics import accuracy, balanced_accuracy, macro_auc
-from raug.outputs import RunOutputs
-from raug.task import Task
+from raug.train.early_stopping import EarlyStopping, metric_mode
+from raug.train.metrics import accuracy, balanced_accuracy, macro_auc
+from raug.train.outputs import RunOutputs
+from raug.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +162,7 @@ def fit(
     """Train ``task`` for ``settings.epochs`` epochs (or until early stopping).
 
     Args:
-        task: the method (see :mod:`raug.task`).
+        task: the method (see :mod:`raug.train.task`).
         train_loader: training batches (its sampler's ``set_epoch`` is called).
         val_loader: validation batches (monitored for the scheduler and early stopping).
         settings: see :class:`FitSettings`.
@@ -180,8 +179,8 @@ def fit(
         The best/last epochs, the per-epoch history and the checkpoint paths.
 
     Under torchrun (a process group exists) every rank calls ``fit`` with its
-    shard of the data: the trained modules run through ``DistributedDataParallel``
-    in the training steps, the validation predictions of all ranks are gathered,
+    shard of the data: the training steps run through one ``DistributedDataParallel``
+    around the task, the validation predictions of all ranks are gathered,
     every decision (LR, best epoch, early stop, non-finite loss) is the same on
     all ranks, and only rank 0 writes (``outputs``). ``fit`` returns after a
     barrier, so files rank 0 wrote are complete when any rank reads them.
@@ -196,16 +195,15 @@ def fit(
         device = torch.device("cuda", torch.cuda.current_device())  # cuda:LOCAL_RANK
     dtype = amp_dtype(settings.amp, device)
     memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
-    task.to(device, memory_format)
+    task.to(device=device, memory_format=memory_format)
     if settings.sync_bn:
         if distributed and device.type == "cuda":
-            convert_sync_batchnorm(task.modules)
+            convert_sync_batchnorm(task)
         else:
             log.info("_sync_bn=True ignored: SyncBatchNorm needs a distributed run on CUDA")
     _maybe_compile(task, settings.compile, device)
 
-    params = list(task.parameters())
-    opt = (optimizer or default_optimizer(settings))(params)
+    opt = (optimizer or default_optimizer(settings))(task.trainable_parameters())
     sched = (scheduler or default_scheduler(settings))(opt)
     # Loss scaling is only needed for float16 (bf16 has float32's range).
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
@@ -227,9 +225,9 @@ def fit(
     parallel = None
     if distributed:
         # After the restore, so every rank starts from rank 0's weights (DDP broadcasts
-        # the modules it wraps; this covers the others too).
-        broadcast_states(task.modules, parameters=True)
-        parallel = DataParallelModules(task.modules, device)
+        # the task's state when it wraps it; this makes it explicit for the trained modules).
+        broadcast_states(task.trained, parameters=True)
+        parallel = wrap_task(task, device)
 
     def payload(epoch: int, lean: bool) -> dict[str, Any]:
         return _checkpoint_payload(
@@ -245,7 +243,7 @@ def fit(
                                       parallel=parallel)
         # Ranks updated their BatchNorm statistics on their own shards: evaluate rank 0's
         # (the checkpointed ones) everywhere.
-        broadcast_states(task.modules)
+        broadcast_states(task.trained)
         val_stats = validate(task, val_loader, device, dtype, epoch)
         # Identical already (computed from the gathered predictions); rank 0's copy makes
         # the LR / best / stop decisions the same on every rank by construction.
@@ -304,15 +302,16 @@ def train_one_epoch(
     epoch: int,
     settings: FitSettings,
     *,
-    parallel: DataParallelModules | None = None,
+    parallel: nn.Module | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` with optimizer steps; returns sample-weighted means.
 
     Keys: ``loss``, every named part of the step output, and ``accuracy`` /
     ``balanced_accuracy`` of the training predictions when the step returns logits.
-    With ``parallel`` (distributed runs) the step runs through the DDP wrappers and
-    the means cover every rank's samples (the sampler's padding included).
+    With ``parallel`` (distributed runs: the task's DDP wrapper) the step runs through
+    it and the means cover every rank's samples (the sampler's padding included).
     """
+    step = parallel if parallel is not None else task  # either call runs task.train_step
     task.train()
     if hasattr(loader, "sampler"):
         set_loader_epoch(loader, epoch)
@@ -323,9 +322,8 @@ def train_one_epoch(
                dynamic_ncols=True, disable=not is_main_process())
     for index, batch in enumerate(bar):
         batch = to_device(batch, device, settings.channels_last)
-        substitute = parallel.substitute(task) if parallel else contextlib.nullcontext()
-        with autocast(device, dtype), substitute:
-            out = task.train_step(batch)
+        with autocast(device, dtype):
+            out = step(batch)
         values = _scalars(out)  # one device sync per batch for all parts
         _check_finite(values, f"epoch {epoch}, batch {index} (training)")
         opt.zero_grad(set_to_none=True)
@@ -378,7 +376,7 @@ def evaluate(
     the concatenated float32 logits, labels and image ids.
 
     Distributed runs: when the loader's sampler is a rank's shard (it has
-    ``shard_indices``, see :class:`raug.data.ShardSampler`), every rank evaluates
+    ``shard_indices``, see :class:`raug.data.loaders.ShardSampler`), every rank evaluates
     its shard and gets back the whole split, in the dataset's order, each sample
     once. A loader without shards is evaluated in full by every rank.
     """
@@ -509,7 +507,7 @@ def _gather_eval(result: EvalOutput, seen: int, shard: Sequence[int]) -> tuple[E
     if len(set(index)) != len(index) or sorted(index) != list(range(len(index))):
         raise RuntimeError(
             "evaluation shards do not partition the split: the ranks' samplers overlap or miss "
-            "samples (use raug.data.ShardSampler)"
+            "samples (use raug.data.loaders.ShardSampler)"
         )
     order = torch.as_tensor(np.argsort(np.asarray(index), kind="stable"))
     sums: dict[str, float] = {}
@@ -537,7 +535,7 @@ def _maybe_compile(task: Task, enabled: bool, device: torch.device) -> None:
         log.info("_compile=True ignored on %s: torch.compile is used on CUDA only", device)
         return
     # nn.Module.compile() compiles in place, so state_dict keys keep their names.
-    for module in (*task.modules.values(), *task.frozen_modules.values()):
+    for module in (*task.trained.values(), *task.frozen.values()):
         module.compile()
 
 
@@ -578,14 +576,14 @@ def _load_scheduler_state(sched, state: Mapping[str, Any]) -> None:
 
 def _checkpoint_payload(task, epoch, history, stopper, opt, sched, scaler, info, lean) -> dict:
     """Self-describing checkpoint; ``lean`` (best) leaves out the resume-only state."""
-    model = task.modules["model"]
+    model = task.model
     payload: dict[str, Any] = {
         "model_name": getattr(model, "model_name", type(model).__name__),
         "num_classes": getattr(model, "num_classes", None),
         **dict(info or {}),
         "epoch": int(epoch),
         "model_state_dict": model.state_dict(),
-        "extra_state_dicts": {k: m.state_dict() for k, m in task.modules.items() if k != "model"},
+        "extra_state_dicts": {k: m.state_dict() for k, m in task.trained.items() if k != "model"},
         "metrics": dict(history[-1]),
         "history": [dict(r) for r in history],
         "early_stop": stopper.state_dict(),
@@ -606,7 +604,7 @@ def _checkpoint_payload(task, epoch, history, stopper, opt, sched, scaler, info,
 
 def _restore(state, task, opt, sched, scaler, stopper) -> None:
     """Load a last checkpoint into the live objects (modules, optimizer, RNG, ...)."""
-    missing = [n for n in task.modules if n != "model" and n not in state.get("extra_state_dicts", {})]
+    missing = [n for n in task.trained if n != "model" and n not in state.get("extra_state_dicts", {})]
     if missing:
         raise KeyError(f"the checkpoint to resume from has no state for module(s) {missing}")
     load_modules(task, state)
@@ -623,10 +621,10 @@ def _restore(state, task, opt, sched, scaler, stopper) -> None:
 
 
 def load_modules(task: Task, checkpoint: Mapping[str, Any]) -> None:
-    """Load a checkpoint's ``model_state_dict``/``extra_state_dicts`` into ``task.modules``."""
-    task.modules["model"].load_state_dict(checkpoint["model_state_dict"])
+    """Load a checkpoint's ``model_state_dict``/``extra_state_dicts`` into ``task.trained``."""
+    task.model.load_state_dict(checkpoint["model_state_dict"])
     extras = checkpoint.get("extra_state_dicts", {})
-    for name, module in task.modules.items():
+    for name, module in task.trained.items():
         if name != "model" and name in extras:
             module.load_state_dict(extras[name])
 

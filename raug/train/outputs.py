@@ -3,7 +3,7 @@
 Every write is atomic (temp file + ``os.replace``). ``is_main=False`` turns every
 method into a no-op, so under data parallelism only rank 0 writes; by default
 (``is_main=None``) it is decided from the torchrun rank
-(:func:`raug.distributed.is_main_process`), so outputs created anywhere in a
+(:func:`raug.train.distributed.is_main_process`), so outputs created anywhere in a
 distributed run are silent on ranks > 0.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 
 import pandas as pd
 
-from raug.atomic import atomic_write_bytes, atomic_write_text
-from raug.checkpoint import save_checkpoint
-from raug.distributed import is_main_process
+from raug.files.atomic import atomic_write_bytes, atomic_write_text
+from raug.files.checkpoint import save_checkpoint
+from raug.train.distributed import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RunOutputs:
         return self.folder / relpath
 
     def save_checkpoint(self, relpath: str | Path, payload: dict) -> Path:
-        """Atomically write a checkpoint (see :mod:`raug.checkpoint`)."""
+        """Atomically write a checkpoint (see :mod:`raug.files.checkpoint`)."""
         path = self.path(relpath)
         if self.is_main:
             save_checkpoint(path, payload)

@@ -20,16 +20,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raug.engine import evaluate
-from raug.metrics import (
+from raug.report.plots import plot_confusion, plot_roc
+from raug.train.engine import evaluate
+from raug.train.metrics import (
     classification_metrics,
     confusion_matrix,
     normalize_confusion,
     skipped_auc_classes,
 )
-from raug.outputs import RunOutputs
-from raug.plots import plot_confusion, plot_roc
-from raug.task import Task
+from raug.train.outputs import RunOutputs
+from raug.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ def evaluate_split(
     """Evaluate ``task`` on one split and write its predictions and plots.
 
     In a distributed run every rank calls it with its shard loader; the
-    predictions of all ranks are gathered (:func:`raug.engine.evaluate`), so the
+    predictions of all ranks are gathered (:func:`raug.train.engine.evaluate`), so the
     metrics cover the whole split on every rank and rank 0 writes the files.
 
     Returns:
         Flat metrics named ``<split>.<metric>`` (see
-        :func:`raug.metrics.classification_metrics`) plus ``<split>.loss``.
+        :func:`raug.train.metrics.classification_metrics`) plus ``<split>.loss``.
     """
     result = evaluate(task, loader, device, dtype, channels_last, desc=f"{split} eval")
     if result.logits is None or result.labels is None:

@@ -1,6 +1,6 @@
 """Paper-style tables from a runs table: mean ± sd per group, formats, box/strip plots.
 
-Input is the frame of :func:`raug.runs.load_runs` (one row per Sacred run).
+Input is the frame of :func:`raug.report.runs.load_runs` (one row per Sacred run).
 :func:`summarize` keeps the COMPLETED runs, groups them by config keys and
 computes, per metric, the mean and the *sample* standard deviation
 (``ddof=1``) with the group's ``n``. A group of one run has no sample sd: it
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from raug.atomic import atomic_write_bytes
+from raug.files.atomic import atomic_write_bytes
 
 DEFAULT_METRICS = ("test.balanced_accuracy", "test.accuracy", "test.auc")
 CHECKPOINTS = ("best", "last")
@@ -168,7 +168,7 @@ def summarize(
     """Mean, sample sd (ddof=1) and n of ``metrics`` per group of COMPLETED runs.
 
     Args:
-        frame: the runs table (:func:`raug.runs.load_runs`).
+        frame: the runs table (:func:`raug.report.runs.load_runs`).
         group_by: config keys to group by (a run without the key falls in group ``NaN``).
         metrics: metric names as the engine writes them (``test.balanced_accuracy``).
         checkpoint: ``"best"`` (the engine's evaluation) or ``"last"`` (``last.*`` columns).

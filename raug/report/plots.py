@@ -1,6 +1,6 @@
 """Evaluation and training-history figures (matplotlib ``Figure`` objects, no pyplot state).
 
-Each function returns a figure; :meth:`raug.outputs.RunOutputs.save_figure`
+Each function returns a figure; :meth:`raug.train.outputs.RunOutputs.save_figure`
 writes it atomically as PNG.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from raug.metrics import binary_auc, roc_points
+from raug.train.metrics import binary_auc, roc_points
 
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], title: str, normalized: bool) -> Figure:

@@ -3,7 +3,7 @@
 :func:`model_footprint` measures what a portable device cares about for a
 checkpoint (parameters, fp32 size, CPU latency per image at batch 1);
 :func:`comparison_frame` joins it with the runs' test metrics (read back from
-the Sacred logs by :func:`raug.runs.load_runs`); :func:`write_comparison`
+the Sacred logs by :func:`raug.report.runs.load_runs`); :func:`write_comparison`
 saves the table as markdown and CSV and draws a bar chart PNG.
 """
 
@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 import models
-from raug.atomic import atomic_write_text
-from raug.checkpoint import load_checkpoint
+from raug.files.atomic import atomic_write_text
+from raug.files.checkpoint import load_checkpoint
 
 METRIC_COLUMNS = {
     "test.accuracy": "test accuracy",
@@ -63,7 +63,7 @@ def comparison_frame(runs: pd.DataFrame, steps: Mapping[str, str | Path], latenc
     """One row per step: its COMPLETED run's test metrics and its best checkpoint's footprint.
 
     Args:
-        runs: :func:`raug.runs.load_runs` of the folders below.
+        runs: :func:`raug.report.runs.load_runs` of the folders below.
         steps: ``{label: _save_folder}`` in display order.
         latency_px: input size of the latency measurement.
     """

@@ -20,7 +20,7 @@ Rerunning the same command finishes an interrupted sweep. Per save folder
   ``DIR/_stale/<name>-<UTC time>`` and the run starts afresh;
 * otherwise (nothing, or only failed attempts) -> a new run.
 
-Never two writers in one folder. A save folder whose lock (:mod:`raug.runlock`) is
+Never two writers in one folder. A save folder whose lock (:mod:`raug.files.runlock`) is
 held by a live run (started by hand, or an orphan of a sweep killed on a system without
 parent-death signals) is ``busy``: the sweep waits up to :data:`BUSY_WAIT_S` for it to
 end, then leaves the combination alone (reported, exit 1; rerun the sweep later). A
@@ -65,9 +65,10 @@ from typing import Any, TextIO
 
 import pandas as pd
 
-from raug import runlock
-from raug.config import COMPLETED_MARKER, REPO_ROOT, SHARED_CONFIG, finished_run_markers
-from raug.runs import find_run_dirs, load_runs
+from raug.files import runlock
+from raug.files.paths import COMPLETED_MARKER, REPO_ROOT
+from raug.report.runs import find_run_dirs, load_runs
+from raug.run.config import SHARED_CONFIG, finished_run_markers
 
 EXPERIMENT_DIR = REPO_ROOT / "experiment" / "isic"
 TEACHER_SCRIPT = "isic"  # Sacred experiment name of the teacher script

@@ -1,7 +1,7 @@
 """Config keys shared by every experiment script, the ``quick`` preset, and validation.
 
 The shared keys are defined ONCE here (:data:`SHARED_CONFIG`); each script adds
-its own keys through :func:`raug.experiment.make_experiment`. Relative paths
+its own keys through :func:`raug.run.experiment.make_experiment`. Relative paths
 (``_base_path``, ``_save_folder`` and any key a script lists) resolve against
 the repository root, not the working directory, so scripts run from anywhere.
 """
@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sacred.config import chain_evaluate_config_scopes
-from sacred.utils import SacredError
 
-from raug import runlock
-from raug.data import TEST_CSV, TRAIN_CSV, fold_class_gaps
-from raug.device import AMP_CHOICES, check_device
-from raug.distributed import get_rank
-from raug.engine import VAL_METRICS
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "results"
-COMPLETED_MARKER = "COMPLETED"
+from raug.data.loaders import TEST_CSV, TRAIN_CSV, fold_class_gaps
+from raug.errors import ConfigError
+from raug.files import runlock
+from raug.files.paths import (
+    COMPLETED_MARKER,
+    REPO_ROOT,
+)
+from raug.train.device import AMP_CHOICES, check_device
+from raug.train.distributed import get_rank
+from raug.train.engine import VAL_METRICS
+from raug.train.method import Check, Warn
 
 SHARED_CONFIG: dict[str, Any] = {
     "_folder": 2,  # validation fold (1..5); training uses the other folds
@@ -81,27 +81,6 @@ SEED_MAX = 2**32 - 1
 # suggesting the key meant by an unknown one (``_lerning_rate`` -> ``_lr_init``).
 KEY_ALIASES: dict[str, str] = {"lr": "_lr_init", "learning_rate": "_lr_init", "fold": "_folder"}
 
-Check = Callable[[Mapping[str, Any]], Iterable[str]]
-Warn = Callable[[str], None]
-
-
-class ConfigError(SacredError, ValueError):
-    """Invalid configuration; Sacred prints only the message (no traceback)."""
-
-    def __init__(self, message: str):
-        """Create the error; ``message`` holds one line per problem."""
-        super().__init__(message, print_traceback=False)
-
-
-def resolve_repo_path(path: str | os.PathLike) -> Path:
-    """``path`` made absolute: relative paths are taken from the repository root."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else (REPO_ROOT / path)
-
-
-def default_save_folder(name: str, folder: int) -> Path:
-    """Default ``_save_folder`` of a script: ``results/<name>_fold<folder>``."""
-    return RESULTS_DIR / f"{name}_fold{folder}"
 
 
 def _is_int(value: Any) -> bool:
@@ -246,25 +225,6 @@ def validate_config(
 # ----------------------------------------------------------------------------- unknown keys
 
 
-def declared_keys(configurations: Iterable[Any], named_configs: Mapping[str, Any]) -> frozenset[str]:
-    """Every top-level key an experiment declares, from its config scopes and named configs.
-
-    Sacred's own check for added keys misses most of them once an experiment has more
-    than one config scope (``_lr=-1`` simply joins the config), so the engine compares
-    the config with this set itself.
-
-    Args:
-        configurations: the experiment's config scopes in order (``ex.configurations``:
-            dicts, and functions such as :func:`raug.methods.kd_config.kd_paths`).
-        named_configs: ``ex.named_configs`` (``quick`` and any other preset).
-    """
-    defaults, _ = chain_evaluate_config_scopes(list(configurations))
-    keys = set(defaults)
-    for named in named_configs.values():
-        keys.update(named(preset=defaults))
-    return frozenset(keys)
-
-
 def _bare(key: str) -> str:
     return key.lstrip("_").lower()
 
@@ -314,7 +274,7 @@ def check_save_folder(save_folder: str | os.PathLike, resume: bool) -> None:
     """Refuse to start a new run over a finished one (nothing is touched).
 
     Raises:
-        ConfigError: a live process holds the folder's lock (:mod:`raug.runlock`);
+        ConfigError: a live process holds the folder's lock (:mod:`raug.files.runlock`);
             ``resume=False`` and the folder holds checkpoints or a ``COMPLETED`` marker;
             or ``resume=True`` with markers but no last checkpoint.
     """

@@ -1,7 +1,7 @@
 """Atomic file writes (temp file in the target folder + ``os.replace``), for the whole toolkit.
 
 A crash leaves the old file or the new one, never half of one. Dependency-free on purpose:
-checkpoints (:mod:`raug.checkpoint`), run outputs, the data preparation and its worker
+checkpoints (:mod:`raug.files.checkpoint`), run outputs, the data preparation and its worker
 processes, and the torch-free ONNX prediction path all write through this module.
 
 A write that fails because the disk (or the user's quota) is full raises

@@ -14,9 +14,8 @@ What the rest of the toolkit relies on (``docs/distributed.md``):
   the only process that writes files or records the Sacred run. Before the
   process group exists the rank comes from ``RANK``, so writes are silenced
   from the very start.
-* :class:`DataParallelModules`: ``DistributedDataParallel`` around a task's
-  trained modules; :func:`substituted_modules` lets a task's step run through
-  the wrappers without knowing about them.
+* :func:`wrap_task`: one ``DistributedDataParallel`` around a whole task (an
+  ``nn.Module`` whose ``forward`` is its training step).
 * :func:`gather_embeddings`: the hook the KD tasks call for their relational
   terms (identity unless ``_gather_embeddings=True`` in a distributed run).
 * :func:`all_gather_rows`: all-gather along rows with the gradient for one's own
@@ -27,11 +26,9 @@ What the rest of the toolkit relies on (``docs/distributed.md``):
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import os
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -41,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from raug.device import DeviceError, check_device, resolve_device
+from raug.train.device import DeviceError, check_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -371,124 +368,42 @@ def gather_fields(out: Mapping[str, torch.Tensor], keys: Sequence[str]) -> dict[
     return {k: gather_embeddings(v) if k in keys else v for k, v in out.items()}
 
 
-# ----------------------------------------------------------------------------- DDP around a task's modules
+# ----------------------------------------------------------------------------- DDP around a task
 
 
-class _MethodRouter(nn.Module):
-    """The module DDP wraps: ``forward(*args, _method=name)`` runs ``module.<name>(*args)``.
+def wrap_task(task: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """One ``DistributedDataParallel`` around the whole task (a :class:`raug.train.task.Task`).
 
-    DDP only synchronises gradients of passes through its own ``forward``; the
-    router lets ``forward_kd`` (and any other method of the module) go through it.
-    """
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: Any, _method: str = "forward", **kwargs: Any) -> Any:
-        if _method == "forward":
-            return self.module(*args, **kwargs)  # __call__: hooks and nn.Module.compile() apply
-        return getattr(self.module, _method)(*args, **kwargs)
-
-
-def _is_model_method(module: nn.Module, name: str, value: Any) -> bool:
-    """``forward`` or a bound method the module's own class adds (``forward_kd``)."""
-    if not (inspect.ismethod(value) and value.__self__ is module):
-        return False
-    return name == "forward" or not hasattr(nn.Module, name)
-
-
-class DDPModule:
-    """What a training step sees in place of a trained module during a distributed run.
-
-    ``wrapper(x)`` and ``wrapper.<method>(x)`` for methods the module's class
-    defines (``forward_kd``) run through ``DistributedDataParallel``; any other
-    attribute (``num_features``, ``state_dict``, submodules) is the module's own.
-    Calling a submodule directly would bypass DDP: steps call the module itself
-    or its methods.
-    """
-
-    def __init__(self, module: nn.Module, ddp: DistributedDataParallel):
-        """Wrap ``module`` whose router is wrapped by ``ddp``."""
-        self._module = module
-        self._ddp = ddp
-
-    @property
-    def module(self) -> nn.Module:
-        """The wrapped module."""
-        return self._module
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``module(*args)`` through DDP."""
-        return self._ddp(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._module, name)
-        if _is_model_method(self._module, name, value):
-            return lambda *args, **kwargs: self._ddp(*args, _method=name, **kwargs)
-        return value
-
-
-class DataParallelModules:
-    """``DistributedDataParallel`` around each trained module of a task (one wrapper per module).
-
-    The task keeps its plain modules (for checkpoints, evaluation and the
-    optimizer, which trains the same parameters); :meth:`substitute` puts the
-    wrappers in ``task.modules`` for the duration of a training step.
+    ``wrapper(batch)`` runs ``task.forward(batch)``, i.e. ``task.train_step``, so every
+    trained module the step uses (``forward_kd`` included) has its gradients averaged
+    over the ranks; frozen modules have no trainable parameters and take no part in
+    the reduction. The task itself stays the object the engine checkpoints, evaluates
+    and optimises (the wrapper shares its parameters).
 
     Args:
-        modules: the task's ``modules`` (already on ``device``).
+        task: the task, already on ``device``.
         device: this rank's device.
-        find_unused_parameters: passed to DDP (only needed when a step leaves
-            some trainable parameter of a module unused).
+        find_unused_parameters: passed to DDP (only needed when a step leaves some
+            trainable parameter unused).
     """
-
-    def __init__(
-        self, modules: Mapping[str, nn.Module], device: torch.device, find_unused_parameters: bool = False
-    ):
-        """Wrap every module that has trainable parameters."""
-        self.wrapped: dict[str, DDPModule] = {}
-        for name, module in modules.items():
-            if not any(p.requires_grad for p in module.parameters()):
-                continue  # DDP refuses modules without trainable parameters
-            ddp = DistributedDataParallel(
-                _MethodRouter(module),
-                device_ids=[device] if device.type == "cuda" else None,
-                find_unused_parameters=find_unused_parameters,
-            )
-            self.wrapped[name] = DDPModule(module, ddp)
-
-    @contextlib.contextmanager
-    def substitute(self, task: Any) -> Iterator[None]:
-        """Within the block ``task.modules[name]`` is the DDP wrapper of each wrapped module."""
-        with substituted_modules(task, self.wrapped):
-            yield
+    return DistributedDataParallel(
+        task,
+        device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
-@contextlib.contextmanager
-def substituted_modules(task: Any, replacements: Mapping[str, Any]) -> Iterator[None]:
-    """Temporarily replace entries of ``task.modules`` (restored even on error)."""
-    original: MutableMapping[str, Any] = task.modules
-    task.modules = {**original, **replacements}
-    try:
-        yield
-    finally:
-        task.modules = original
-
-
-def convert_sync_batchnorm(modules: MutableMapping[str, nn.Module]) -> None:
-    """Replace the BatchNorm layers of each module by ``SyncBatchNorm`` (in place).
+def convert_sync_batchnorm(task: nn.Module) -> None:
+    """Replace the BatchNorm layers of the task's trained modules by ``SyncBatchNorm`` (in place).
 
     Parameters and buffers are reused, so an optimizer built before and the
-    ``state_dict`` keys (checkpoints) stay the same.
+    ``state_dict`` keys (checkpoints) stay the same; frozen modules keep plain BatchNorm
+    (they run in eval mode, where the two are the same).
     """
-    for name, module in list(modules.items()):
-        modules[name] = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    task.trained = nn.SyncBatchNorm.convert_sync_batchnorm(task.trained)
 
 
 __all__ = [
-    "DDPModule",
-    "DataParallelModules",
     "DistEnv",
     "DistributedError",
     "all_gather_object",
@@ -509,6 +424,6 @@ __all__ = [
     "is_initialized",
     "is_main_process",
     "set_gather_embeddings",
-    "substituted_modules",
     "teardown",
+    "wrap_task",
 ]

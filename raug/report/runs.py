@@ -1,4 +1,4 @@
-"""Table of Sacred runs: ``python -m raug.runs [FOLDER ...] [--sort KEY] [--format ...]``.
+"""Table of Sacred runs: ``python -m raug.report.runs [FOLDER ...] [--sort KEY] [--format ...]``.
 
 :func:`load_runs` finds FileStorageObserver run folders (``run.json`` +
 ``config.json``) below the given folders and returns one row per run; a
@@ -15,23 +15,23 @@ reads a MongoObserver database instead (default db ``sacred``). Columns:
   of the last checkpoint, where a run has them, are named ``last.val.*``, ``last.test.*``;
 * ``best_val`` (the validation value of ``_best_metric`` at the best epoch);
 * ``split_hash``: the prepared split the run trained on (Sacred run info, written by
-  :func:`raug.experiment.run_training`; ``None`` for runs that predate it).
+  :func:`raug.run.experiment.run_training`; ``None`` for runs that predate it).
 
 A run whose ``run.json`` or ``config.json`` cannot be read (cut by a full disk or a kill
 while Sacred rewrote it) is left out of the table, not fatal to it: the command prints
 one ``skipped`` line per such run on stderr and the table of the others.
 
 With ``--group-by KEY [KEY ...]`` the command prints a comparison table instead
-(:mod:`raug.aggregate`): mean ± sample sd (ddof=1) and n of ``--metrics`` per
+(:mod:`raug.report.aggregate`): mean ± sample sd (ddof=1) and n of ``--metrics`` per
 group of COMPLETED runs, the checkpoint the numbers come from, the runs left out,
 and a WARNING (also on stderr) when the runs mix data splits.
 
 Examples::
 
-    python -m raug.runs results/ --sort test.balanced_accuracy --desc
-    python -m raug.runs results/ --format markdown
-    python -m raug.runs --mongo mongodb://localhost:27017 --db sacred
-    python -m raug.runs sweeps/dkd sweeps/ssdkd --group-by _kd_method --format markdown --plot cmp.png
+    python -m raug.report.runs results/ --sort test.balanced_accuracy --desc
+    python -m raug.report.runs results/ --format markdown
+    python -m raug.report.runs --mongo mongodb://localhost:27017 --db sacred
+    python -m raug.report.runs sweeps/dkd sweeps/ssdkd --group-by _kd_method --format markdown --plot cmp.png
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
-from raug import aggregate
-from raug.config import COMPLETED_MARKER
+from raug.files.paths import COMPLETED_MARKER
+from raug.report import aggregate
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def to_text_table(frame: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m raug.runs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m raug.report.runs", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="*", default=["results"], help="folders to search (default: results)")
     parser.add_argument("--sort", default="start", help="column to sort by (default: start)")
     parser.add_argument("--desc", action="store_true", help="sort in descending order")
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-columns", action="store_true", help="show every column")
     parser.add_argument("--mongo", metavar="URL", help="read a Sacred MongoDB instead of folders")
     parser.add_argument("--db", default="sacred", help="MongoDB database name (default: sacred)")
-    grouped = parser.add_argument_group("comparison table (mean ± sd per group; raug.aggregate)")
+    grouped = parser.add_argument_group("comparison table (mean ± sd per group; raug.report.aggregate)")
     grouped.add_argument("--group-by", nargs="+", metavar="KEY",
                          help="config key(s) to group the COMPLETED runs by, e.g. _kd_method")
     grouped.add_argument("--metrics", nargs="+", metavar="METRIC", default=list(aggregate.DEFAULT_METRICS),

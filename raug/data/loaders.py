@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from raug.data.transforms import apply_transform, eval_transform, train_transform
 from raug.isic2019.schema import CLASS_NAMES as SCHEMA_CLASS_NAMES
 from raug.isic2019.schema import SEX_VALUES, SITE_VALUES
-from raug.transforms import apply_transform, eval_transform, train_transform
 
 # The prepared CSVs' vocabulary is defined once, by the preparation code.
 CLASS_NAMES: tuple[str, ...] = SCHEMA_CLASS_NAMES
@@ -215,7 +215,7 @@ class IsicDataset(Dataset):
         Args:
             frame: rows of a table read by :func:`read_parsed_csv`.
             img_dir: folder holding ``<image>.jpg``.
-            transform: an albumentations pipeline from :mod:`raug.transforms`.
+            transform: an albumentations pipeline from :mod:`raug.data.transforms`.
             source: the CSV the rows come from (named in errors).
         """
         self.img_dir = Path(img_dir)
@@ -313,7 +313,7 @@ class ShardSampler(Sampler[int]):
 
     Together the ranks cover every index exactly once; shards differ in length
     by at most one. :attr:`shard_indices` tells the gathering code where each
-    evaluated row belongs (``raug.engine.evaluate`` restores the file order).
+    evaluated row belongs (``raug.train.engine.evaluate`` restores the file order).
     """
 
     def __init__(self, num_samples: int, rank: int, num_replicas: int):

@@ -23,7 +23,11 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from raug.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+# ImageNet normalisation: what the backbones were pretrained with, and what every
+# checkpoint records (``normalization``) for prediction.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 # imgaug's CoarseDropout(0.02, size_percent=0.25) drops 2 % of the cells of a
 # mask drawn at 1/4 of the image resolution: square holes of 4 px covering ~2 %.

@@ -3,7 +3,7 @@
 Two runs writing into one ``_save_folder`` at the same time overwrite each other's
 checkpoints, and each one's final evaluation may load the other's best checkpoint. A run
 therefore holds an exclusive ``flock`` on ``<folder>/.lock`` from before Sacred creates
-its run folder until it ends (:class:`raug.experiment.RaugExperiment`), and the sweep
+its run folder until it ends (:class:`raug.run.experiment.RaugExperiment`), and the sweep
 holds one on its output folder. The lock belongs to the kernel: it disappears with the
 process, so a ``kill -9`` never leaves a stale lock behind. The file holds who took the
 lock (pid, host, start time, command line), only to name the holder in messages.
@@ -218,8 +218,8 @@ def _acquire(folder: Path, patience_s: float) -> RunLock:
 def hold(folder: str | os.PathLike) -> Iterator[RunLock]:
     """Hold the lock for the block: reuse this process's lock, else :func:`acquire` it.
 
-    Idempotent: :class:`raug.experiment.RaugExperiment` takes the lock before the Sacred
-    run starts, and :func:`raug.experiment.run_training` (also called programmatically)
+    Idempotent: :class:`raug.run.experiment.RaugExperiment` takes the lock before the Sacred
+    run starts, and :func:`raug.run.experiment.run_training` (also called programmatically)
     holds it again without refusing itself; only the outer holder releases it.
 
     Raises:
