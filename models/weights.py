@@ -1,9 +1,9 @@
 """Weight loading: project checkpoints, the seed's checkpoints, bare and torchvision state dicts.
 
-Every file goes through :func:`raug.checkpoint.load_checkpoint`, i.e.
+Every file goes through :func:`raug.files.checkpoint.load_checkpoint`, i.e.
 ``torch.load(..., weights_only=True)``. Accepted inputs:
 
-(a) project checkpoints (``raug.checkpoint`` schema: ``model_state_dict``,
+(a) project checkpoints (``raug.files.checkpoint`` schema: ``model_state_dict``,
     ``model_name``, ``num_classes``, ...): name and class count are checked;
 (b) the seed's checkpoints ``{"epoch": int, "model_state_dict": sd}``;
 (c) a bare state dict in the project (= seed) layout;
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, ResNet50_Weights
 
-from raug.checkpoint import load_checkpoint
+from raug.files.checkpoint import load_checkpoint
 
 from .names import MOBILENET, RESNET50, canonical_name
 
@@ -350,7 +350,7 @@ def load_weights(
     Raises:
         WeightsError: architecture or class-count mismatch (both named), missing or
             unexpected keys (a few shown), shape mismatches.
-        raug.checkpoint.CheckpointError: missing, corrupt or unsafe file.
+        raug.files.checkpoint.CheckpointError: missing, corrupt or unsafe file.
     """
     if isinstance(path_or_dict, Mapping):
         return _load(model, path_or_dict, "the given state dict", strict, skip_classifier)
