@@ -14,7 +14,9 @@ One short cited file per term (paper title and link in each module's docstring):
 * the ``_kd_method`` tables :data:`DKD_FAMILY`, :data:`SSD_KD_FAMILY`, :data:`KD_METHODS`
   (``methods.py``): terms, teacher, adapter and minimum batch of each method
 
-Teacher inputs are detached inside every term; results keep the student's dtype.
+Teacher inputs are detached inside every term; results keep the student's dtype, but
+never below float32: float16/bfloat16 inputs are upcast and autocast is off inside the
+terms (``_precision.py``), while float32 and float64 inputs are used as they are.
 Every formula: ``docs/kd_math.md``.
 """
 

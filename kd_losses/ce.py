@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_ndim
+from ._precision import at_least_float32, autocast_off
 
 
 def weighted_ce(
@@ -28,9 +29,11 @@ def weighted_ce(
         class_weight: optional (K,) weights (tensor, list or array); ``None`` = plain mean.
 
     Returns:
-        Scalar tensor of ``logits``' dtype.
+        Scalar tensor, float32 for float16/bfloat16 logits, else ``logits``' dtype
+        (:mod:`kd_losses._precision`).
     """
     check_ndim("weighted_ce", "logits", logits, 2)
+    logits = at_least_float32(logits)
     if class_weight is not None:
         # Cast to the logits' dtype/device so float64 golden checks and AMP both work.
         class_weight = torch.as_tensor(class_weight, dtype=logits.dtype, device=logits.device)
@@ -39,4 +42,5 @@ def weighted_ce(
                 f"weighted_ce: class_weight has shape {tuple(class_weight.shape)}, "
                 f"expected ({logits.shape[1]},) for {logits.shape[1]} classes"
             )
-    return F.cross_entropy(logits, target, weight=class_weight)
+    with autocast_off(logits.device):
+        return F.cross_entropy(logits, target, weight=class_weight)

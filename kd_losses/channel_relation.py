@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_ndim, check_same_shape
+from ._precision import autocast_off, result_dtype
 
 
 def _sq_frobenius_of_cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,9 @@ def channel_relation(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor
     The products run in float64: the three terms nearly cancel when the student is close
     to the teacher, and float32 products would leave an error of order 1e-7 * ||G||^2 in
     a difference that may be 1e-4 * ||G||^2 or smaller. float64 inputs are left as they
-    are, autocast never lowers float64, and the result is cast back to the input dtype.
+    are, autocast never lowers float64 (and is off here), and the result is cast back to
+    the input dtype, but never below float32: a float16 result, once multiplied by
+    ``lambd_crkd = 1000``, would overflow above 65.5 and cap GradScaler's scale.
     The difference is clamped at 0 before the square root (which has a zero, not NaN,
     gradient at 0). Autograd through the identity gives the exact gradient of the direct
     Gram formula.
@@ -47,7 +50,7 @@ def channel_relation(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor
         feat_t: (N, C, h, w) teacher features (detached here).
 
     Returns:
-        Scalar tensor of the student's dtype.
+        Scalar tensor, float32 for float16/bfloat16 features, else the student's dtype.
     """
     check_ndim("channel_relation", "feat_s", feat_s, 4)
     check_same_shape("channel_relation", feat_s, feat_t)
@@ -55,9 +58,12 @@ def channel_relation(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor
     acc_dtype = torch.promote_types(feat_s.dtype, torch.float64)
     f_s = feat_s.reshape(n, c, h * w).to(acc_dtype)
     f_t = feat_t.detach().reshape(n, c, h * w).to(acc_dtype)
-    with torch.no_grad():
-        sq_tt = _sq_frobenius_of_cross(f_t, f_t)
-    sq_diff = _sq_frobenius_of_cross(f_s, f_s) - 2.0 * _sq_frobenius_of_cross(f_s, f_t) + sq_tt
-    # mean over (N, C, C) of the squared Gram difference, with G = F F^T / (C h w)
-    mse = sq_diff / (float(c * h * w) ** 2 * n * c * c)
-    return _sqrt_zero_safe(mse).to(feat_s.dtype)
+    with autocast_off(feat_s.device):
+        with torch.no_grad():
+            sq_tt = _sq_frobenius_of_cross(f_t, f_t)
+        sq_diff = (
+            _sq_frobenius_of_cross(f_s, f_s) - 2.0 * _sq_frobenius_of_cross(f_s, f_t) + sq_tt
+        )
+        # mean over (N, C, C) of the squared Gram difference, with G = F F^T / (C h w)
+        mse = sq_diff / (float(c * h * w) ** 2 * n * c * c)
+        return _sqrt_zero_safe(mse).to(result_dtype(feat_s))

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ._precision import result_dtype
 from .ce import weighted_ce
 from .channel_relation import channel_relation
 from .fitnet import fitnet
@@ -80,7 +81,7 @@ def relational_kd(
         total = term if total is None else total + term
     if total is None:
         logits = _get(out_s, "logits", "student", method)
-        total = logits.new_zeros(())
+        total = logits.new_zeros((), dtype=result_dtype(logits))
     return {"hr": total, **parts}
 
 
@@ -107,7 +108,8 @@ def d_kd(
     Returns:
         ``{"loss": weighted total, "ce": CE_w, "kd": soft_kd (without T^2),
         "rkd_distance", "rkd_angle", "channel_relation", "fitnet"}``: the unweighted
-        terms that are active for ``method`` (``DKDMethod.terms``).
+        terms that are active for ``method`` (``DKDMethod.terms``). Every part is
+        float32 at least, whatever autocast does (float64 inputs give float64).
     """
     row = dkd_method(method)
     weights = weights or DKDWeights()

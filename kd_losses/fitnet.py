@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_same_shape
+from ._precision import at_least_float32, autocast_off
 
 
 def fitnet(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
@@ -20,7 +21,9 @@ def fitnet(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
         feat_t: teacher features of the same shape (detached here).
 
     Returns:
-        Scalar tensor of the student's dtype.
+        Scalar tensor, float32 for float16/bfloat16 features, else the student's dtype.
     """
     check_same_shape("fitnet", feat_s, feat_t)
-    return F.mse_loss(feat_s, feat_t.detach())
+    feat_s = at_least_float32(feat_s)
+    with autocast_off(feat_s.device):
+        return F.mse_loss(feat_s, at_least_float32(feat_t.detach()))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_ndim, check_same_rows
+from ._precision import at_least_float32, autocast_off, result_dtype
 
 _EPS_SQ = 1e-12
 
@@ -27,13 +28,15 @@ def pairwise_distances(emb: torch.Tensor) -> torch.Tensor:
         emb: (N, D) embeddings.
 
     Returns:
-        (N, N) distances in ``emb``'s dtype.
+        (N, N) distances in ``emb``'s dtype, float32 for float16/bfloat16 ``emb``
+        (a 16-bit distance matrix would carry 1-4 % errors into the loss).
     """
     e = emb.to(torch.promote_types(emb.dtype, torch.float64))
-    sq_norm = e.pow(2).sum(dim=1)
-    sq = (sq_norm.unsqueeze(0) + sq_norm.unsqueeze(1) - 2.0 * e @ e.t()).clamp(min=_EPS_SQ)
+    with autocast_off(emb.device):
+        sq_norm = e.pow(2).sum(dim=1)
+        sq = (sq_norm.unsqueeze(0) + sq_norm.unsqueeze(1) - 2.0 * e @ e.t()).clamp(min=_EPS_SQ)
     eye = torch.eye(emb.shape[0], dtype=torch.bool, device=emb.device)
-    return sq.sqrt().masked_fill(eye, 0.0).to(emb.dtype)
+    return sq.sqrt().masked_fill(eye, 0.0).to(result_dtype(emb))
 
 
 def _normalised_distances(emb: torch.Tensor) -> torch.Tensor:
@@ -52,29 +55,33 @@ def rkd_distance(emb_s: torch.Tensor, emb_t: torch.Tensor) -> torch.Tensor:
         emb_t: (N, D_t) teacher embeddings; widths may differ. Detached here.
 
     Returns:
-        Scalar tensor of the student's dtype; 0 (still attached to ``emb_s``) when N < 2,
-        where no pair exists.
+        Scalar tensor of the student's dtype (float32 at least); 0 (still attached to
+        ``emb_s``) when N < 2, where no pair exists.
     """
     check_ndim("rkd_distance", "emb_s", emb_s, 2)
     check_ndim("rkd_distance", "emb_t", emb_t, 2)
     check_same_rows("rkd_distance", emb_s, emb_t)
     if emb_s.shape[0] < 2:
-        return emb_s.sum() * 0.0
+        return at_least_float32(emb_s).sum() * 0.0
     with torch.no_grad():
-        d_t = _normalised_distances(emb_t.detach()).to(emb_s.dtype)
+        d_t = _normalised_distances(emb_t.detach()).to(result_dtype(emb_s))
     d_s = _normalised_distances(emb_s)
-    return F.smooth_l1_loss(d_s, d_t, beta=1.0)
+    with autocast_off(d_s.device):
+        return F.smooth_l1_loss(d_s, d_t, beta=1.0)
 
 
 def triplet_angles(emb: torch.Tensor) -> torch.Tensor:
     """Cosines ``<u_ab, u_ac>`` for every anchor a and pair (b, c), flattened to N^3.
 
     ``u_ab = normalize(e_b - e_a)`` with eps 1e-12, so a zero difference gives a zero
-    vector and a zero cosine.
+    vector and a zero cosine. Computed in float32 at least, with autocast off (which
+    would run the bmm in 16 bits).
     """
-    diff = emb.unsqueeze(0) - emb.unsqueeze(1)  # diff[a, b] = e_b - e_a
-    unit = F.normalize(diff, p=2, dim=2, eps=1e-12)
-    return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
+    emb = at_least_float32(emb)
+    with autocast_off(emb.device):
+        diff = emb.unsqueeze(0) - emb.unsqueeze(1)  # diff[a, b] = e_b - e_a
+        unit = F.normalize(diff, p=2, dim=2, eps=1e-12)
+        return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
 
 
 def rkd_angle(emb_s: torch.Tensor, emb_t: torch.Tensor) -> torch.Tensor:
@@ -85,12 +92,13 @@ def rkd_angle(emb_s: torch.Tensor, emb_t: torch.Tensor) -> torch.Tensor:
         emb_t: (N, D_t) teacher embeddings; widths may differ. Detached here.
 
     Returns:
-        Scalar tensor of the student's dtype.
+        Scalar tensor of the student's dtype (float32 at least).
     """
     check_ndim("rkd_angle", "emb_s", emb_s, 2)
     check_ndim("rkd_angle", "emb_t", emb_t, 2)
     check_same_rows("rkd_angle", emb_s, emb_t)
     with torch.no_grad():
-        a_t = triplet_angles(emb_t.detach()).to(emb_s.dtype)
+        a_t = triplet_angles(emb_t.detach()).to(result_dtype(emb_s))
     a_s = triplet_angles(emb_s)
-    return F.smooth_l1_loss(a_s, a_t, beta=1.0)
+    with autocast_off(a_s.device):
+        return F.smooth_l1_loss(a_s, a_t, beta=1.0)

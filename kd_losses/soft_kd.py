@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_ndim, check_same_shape
+from ._precision import at_least_float32, autocast_off
 
 
 def soft_kd(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float) -> torch.Tensor:
@@ -24,12 +25,15 @@ def soft_kd(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float) -> torch.T
         T: softmax temperature (> 0).
 
     Returns:
-        Scalar tensor of the student's dtype.
+        Scalar tensor, float32 for float16/bfloat16 logits, else the student's dtype.
     """
     check_ndim("soft_kd", "logits_s", logits_s, 2)
     check_same_shape("soft_kd", logits_s, logits_t)
     if T <= 0:
         raise ValueError(f"soft_kd: temperature T must be > 0, got {T}")
-    log_p_s = F.log_softmax(logits_s / T, dim=1)
-    p_t = F.softmax(logits_t.detach() / T, dim=1)
-    return F.kl_div(log_p_s, p_t, reduction="batchmean")
+    logits_s = at_least_float32(logits_s)
+    logits_t = at_least_float32(logits_t.detach())
+    with autocast_off(logits_s.device):
+        log_p_s = F.log_softmax(logits_s / T, dim=1)
+        p_t = F.softmax(logits_t / T, dim=1)
+        return F.kl_div(log_p_s, p_t, reduction="batchmean")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._precision import at_least_float32, autocast_off
 from .ce import weighted_ce
 from .soft_kd import soft_kd
 from .views import num_images, own_columns, split_views, view_similarity
@@ -56,13 +57,17 @@ def masked_kl(
     """``KL(softmax(t/T) || softmax(s/T))`` averaged over the rows where ``mask`` is true.
 
     Equals ``F.kl_div(..., reduction="batchmean")`` on the kept rows; 0 when none is
-    kept. The teacher scores are detached here.
+    kept. The teacher scores are detached here. Computed and returned in float32 at least
+    (:mod:`kd_losses._precision`).
     """
-    log_p_s = F.log_softmax(scores_s / T, dim=1)
-    p_t = F.softmax(scores_t.detach() / T, dim=1)
-    rows = F.kl_div(log_p_s, p_t, reduction="none").sum(dim=1)
-    kept = mask.to(rows.dtype)
-    return (rows * kept).sum() / kept.sum().clamp(min=1.0)
+    scores_s = at_least_float32(scores_s)
+    scores_t = at_least_float32(scores_t.detach())
+    with autocast_off(scores_s.device):
+        log_p_s = F.log_softmax(scores_s / T, dim=1)
+        p_t = F.softmax(scores_t / T, dim=1)
+        rows = F.kl_div(log_p_s, p_t, reduction="none").sum(dim=1)
+        kept = mask.to(rows.dtype)
+        return (rows * kept).sum() / kept.sum().clamp(min=1.0)
 
 
 def ssd_kd_terms(
@@ -87,6 +92,7 @@ def ssd_kd_terms(
         ``ce`` = CE_w on normal rows; ``kd`` = kd_T^2 KL on normal rows; ``tf`` =
         tf_T^2 KL on the kept rotated rows; ``ss`` = ss_T^2 KL between view-similarity
         matrices on the kept rows; ``n_tf``, ``n_ss`` = 0-d int64 tensors, rows kept.
+        The four losses are float32 at least, whatever the inputs' dtype or autocast.
     """
     w = weights or SSDKDWeights()
     b = num_images(logits_s.shape[0])
@@ -97,14 +103,16 @@ def ssd_kd_terms(
         raise ValueError(
             f"ssd_kd_terms: target must hold the {b} image labels, got shape {tuple(target.shape)}"
         )
-    logits_t = logits_t.detach()
+    logits_s = at_least_float32(logits_s)
+    logits_t = at_least_float32(logits_t.detach())
     z_s_normal, z_s_rot = split_views(logits_s)
     z_t_normal, z_t_rot = split_views(logits_t)
 
     ce = weighted_ce(z_s_normal, target, class_weight)
     kd = soft_kd(z_s_normal, z_t_normal, w.kd_T) * w.kd_T**2
 
-    p_t_rot = F.softmax(z_t_rot / w.tf_T, dim=1)
+    with autocast_off(z_t_rot.device):
+        p_t_rot = F.softmax(z_t_rot / w.tf_T, dim=1)
     keep_tf, n_tf = error_level_mask(p_t_rot, target.repeat_interleave(3), w.ratio_tf)
     tf = masked_kl(z_s_rot, z_t_rot, w.tf_T, keep_tf) * w.tf_T**2
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ._precision import result_dtype
 from .d_kd import relational_kd
 from .ssd import ssd_kd_terms
 from .weights import SSDKDWeights
@@ -45,7 +46,8 @@ def ssd_kd_loss(
 
     Returns:
         ``loss, ce, kd, tf, ss, hr, rkd_distance, rkd_angle, channel_relation, n_tf,
-        n_ss`` (``ce..ss`` include their T^2, relational parts are unweighted).
+        n_ss`` (``ce..ss`` include their T^2, relational parts are unweighted); every
+        float part is float32 at least (float64 inputs give float64).
     """
     w = weights or SSDKDWeights()
     logits_s = out_s["logits"]
@@ -53,7 +55,7 @@ def ssd_kd_loss(
     if w.hr_w != 0:
         rel = relational_kd(out_s, out_t, w.relational, method="ssd_kd")
     else:
-        rel = {"hr": logits_s.new_zeros(())}
+        rel = {"hr": logits_s.new_zeros((), dtype=result_dtype(logits_s))}
     loss = (
         w.w_ce * terms["ce"]
         + w.w_kd * terms["kd"]

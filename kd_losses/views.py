@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._precision import at_least_float32, autocast_off
+
 NUM_VIEWS = 4
 
 
@@ -24,6 +26,10 @@ def rotate_views(x: torch.Tensor) -> torch.Tensor:
     displayed (rows = height, columns = width), exactly like the seed's
     ``np.rot90(image_hwc, r)`` on H x W x C arrays.
 
+    A channels-last input gives a channels-last output (the views are stacked in
+    (B, 4, H, W, C) order, so no extra copy), otherwise a contiguous one; the
+    values are the same either way.
+
     Args:
         x: (B, C, H, W) square images (H == W, so the views stack).
 
@@ -32,6 +38,11 @@ def rotate_views(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"rotate_views: expected (B, C, H, W) with H == W, got {tuple(x.shape)}")
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        nhwc = x.permute(0, 2, 3, 1)  # a contiguous view of the channels-last storage
+        views = [torch.rot90(nhwc, k=r, dims=(1, 2)) for r in range(NUM_VIEWS)]
+        stacked = torch.stack(views, dim=1).reshape(-1, *nhwc.shape[1:])  # (4B, H, W, C)
+        return stacked.permute(0, 3, 1, 2)
     views = [torch.rot90(x, k=r, dims=(-2, -1)) for r in range(NUM_VIEWS)]
     return torch.stack(views, dim=1).reshape(-1, *x.shape[1:])
 
@@ -69,13 +80,19 @@ def view_similarity(proj: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     Args:
         proj: (4B, D) projected features in the row layout of this module.
         eps: lower bound of ``||a|| * ||b||``.
+
+    Returns:
+        (3B, B) cosines, float32 for float16/bfloat16 ``proj`` (autocast off), else
+        ``proj``'s dtype.
     """
     if proj.dim() != 2:
         raise ValueError(f"view_similarity: proj must be (4B, D), got {tuple(proj.shape)}")
+    proj = at_least_float32(proj)
     normal, rotated = split_views(proj)
-    dots = rotated @ normal.t()
-    norms = rotated.norm(dim=1, keepdim=True) * normal.norm(dim=1).unsqueeze(0)
-    return dots / norms.clamp(min=eps)
+    with autocast_off(proj.device):
+        dots = rotated @ normal.t()
+        norms = rotated.norm(dim=1, keepdim=True) * normal.norm(dim=1).unsqueeze(0)
+        return dots / norms.clamp(min=eps)
 
 
 def rotation_ss_loss(proj: torch.Tensor) -> torch.Tensor:
@@ -88,7 +105,8 @@ def rotation_ss_loss(proj: torch.Tensor) -> torch.Tensor:
         proj: (4B, D) projections, rows ``4i + r``.
 
     Returns:
-        Scalar tensor of ``proj``'s dtype.
+        Scalar tensor, float32 for float16/bfloat16 ``proj``, else ``proj``'s dtype.
     """
     sim = view_similarity(proj)
-    return F.cross_entropy(sim, own_columns(sim.shape[1], sim.device))
+    with autocast_off(sim.device):
+        return F.cross_entropy(sim, own_columns(sim.shape[1], sim.device))
