@@ -136,7 +136,17 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU visible when saved: restore cuda:i from state i for the GPUs
+        # both runs see (a run resumed with fewer or more visible GPUs still resumes).
+        saved, visible = len(state["cuda"]), torch.cuda.device_count()
+        if saved != visible:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "checkpoint holds CUDA RNG states of %d GPU(s) but %d are visible: restoring "
+                "those of cuda:0..cuda:%d", saved, visible, min(saved, visible) - 1)
+        for index in range(min(saved, visible)):
+            torch.cuda.set_rng_state(state["cuda"][index], index)
 
 
 def _to_lists(obj):

@@ -23,7 +23,7 @@ from raug.files.paths import (
     COMPLETED_MARKER,
     REPO_ROOT,
 )
-from raug.train.device import AMP_CHOICES, check_device
+from raug.train.device import AMP_CHOICES, amp_problem, check_device
 from raug.train.distributed import get_rank
 from raug.train.engine import VAL_METRICS
 from raug.train.method import Check, Warn
@@ -46,9 +46,11 @@ SHARED_CONFIG: dict[str, Any] = {
     "_img_size": 224,
     "_device": "auto",  # auto / cpu / cuda / cuda:<i>
     "_num_workers": min(8, os.cpu_count() or 1),
-    "_amp": None,  # None / "off" / "bf16" / "fp16" (fp16: CUDA only; bf16 also on CPU)
+    # auto: bf16 on sm_80+, fp16 (GradScaler) on sm_70/75, off on CPU; None / "off" / "bf16" / "fp16"
+    "_amp": "auto",
     "_channels_last": True,
     "_compile": False,  # torch.compile (CUDA only)
+    "_sync_every": 16,  # training loss parts reach the host every N steps (1 = every step)
     "_resume": False,  # continue from <_save_folder>/last-checkpoint
     "_sync_bn": False,  # torchrun on CUDA: SyncBatchNorm (BN statistics over the global batch)
     "_gather_embeddings": False,  # torchrun: relational KD terms over the global batch
@@ -71,7 +73,8 @@ QUICK_CONFIG: dict[str, Any] = {
 # existed have no value for it in their checkpoints: they must still resume.
 RESUMABLE_CHANGES = frozenset(
     {"_epochs", "_early_stop", "_device", "_num_workers", "_amp", "_channels_last",
-     "_compile", "_resume", "_base_path", "_save_folder", "_sync_bn", "_allow_split_mismatch"}
+     "_compile", "_resume", "_base_path", "_save_folder", "_sync_bn", "_allow_split_mismatch",
+     "_sync_every"}
 )
 
 # Sacred seeds numpy's legacy RandomState with the run seed, which accepts [0, 2**32 - 1] only.
@@ -116,6 +119,7 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     integer("_sched_patience", 0)
     integer("_early_stop", 1)
     integer("_num_workers", 0)
+    integer("_sync_every", 1)
     integer("seed", 0, SEED_MAX)
     size = config["_img_size"]
     need(_is_int(size) and size > 0 and size % 32 == 0, "_img_size",
@@ -128,7 +132,7 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     need(_is_number(min_lr) and min_lr >= 0, "_sched_min_lr", "expected a number >= 0")
     need(config["_weights"] == "frequency", "_weights", "allowed: 'frequency'")
     need(config["_best_metric"] in VAL_METRICS, "_best_metric", f"allowed: {list(VAL_METRICS)}")
-    need(config["_amp"] in AMP_CHOICES, "_amp", "allowed: None, 'off', 'bf16', 'fp16'")
+    need(config["_amp"] in AMP_CHOICES, "_amp", "allowed: 'auto', None, 'off', 'bf16', 'fp16'")
     for key in ("_use_wce", "_pretrained", "_use_meta_data", "_channels_last", "_compile", "_resume",
                 "_sync_bn", "_gather_embeddings"):
         need(isinstance(config[key], bool), key, "expected True or False")
@@ -142,6 +146,10 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     device_problem = check_device(config["_device"])
     if device_problem:
         problems.append(device_problem)
+    elif config["_amp"] in AMP_CHOICES:
+        amp_issue = amp_problem(config["_amp"], config["_device"])  # bf16 on a pre-sm_80 GPU
+        if amp_issue:
+            problems.append(amp_issue)
     return problems
 
 

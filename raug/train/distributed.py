@@ -38,7 +38,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from raug.train.device import DeviceError, check_device, resolve_device
+from raug.train.device import (
+    DeviceError,
+    arch_problem,
+    check_device,
+    resolve_device,
+    unusable_gpu_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +143,11 @@ def is_main_process() -> bool:
 def distributed_device(spec: str, env: DistEnv, cuda_count: int | None = None) -> torch.device:
     """The device of one torchrun process for the ``_device`` string ``spec``.
 
-    ``auto`` and ``cuda`` give each process ``cuda:LOCAL_RANK`` (``auto`` falls back
-    to the CPU without CUDA); ``cpu`` is the CPU; ``cuda:<i>`` is accepted only
-    with one process per node (otherwise every process would share that GPU).
+    ``auto`` and ``cuda`` give each process ``cuda:LOCAL_RANK`` (``auto`` runs on
+    the CPU on a machine without an NVIDIA GPU, and refuses where one is present
+    but torch cannot use CUDA); ``cpu`` is the CPU; ``cuda:<i>`` is accepted only
+    with one process per node (otherwise every process would share that GPU). A
+    GPU this torch build has no kernels for is refused (``raug.train.device.arch_problem``).
 
     Args:
         spec: the ``_device`` value.
@@ -155,6 +163,9 @@ def distributed_device(spec: str, env: DistEnv, cuda_count: int | None = None) -
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "auto" and cuda_count == 0:
+        problem = unusable_gpu_problem(spec)
+        if problem:
+            raise DeviceError(problem)
         return torch.device("cpu")
     if spec in ("auto", "cuda"):
         if cuda_count == 0:
@@ -164,6 +175,11 @@ def distributed_device(spec: str, env: DistEnv, cuda_count: int | None = None) -
                 f"_device={spec!r}: LOCAL_RANK={env.local_rank} needs cuda:{env.local_rank} but only "
                 f"{cuda_count} CUDA device(s) exist; start at most {cuda_count} processes per node"
             )
+        # cuda_count may be given (tests): check the GPU only where torch sees it.
+        if torch.cuda.is_available() and env.local_rank < torch.cuda.device_count():
+            problem = arch_problem(env.local_rank)
+            if problem:
+                raise DeviceError(problem)
         return torch.device("cuda", env.local_rank)
     if env.local_world_size > 1:
         raise DeviceError(
@@ -385,11 +401,19 @@ def wrap_task(task: nn.Module, device: torch.device, find_unused_parameters: boo
         device: this rank's device.
         find_unused_parameters: passed to DDP (only needed when a step leaves some
             trainable parameter unused).
+
+    ``forward_sync_buffers=False`` (what older torch called ``broadcast_buffers=False``,
+    deprecated in the pinned torch): DDP copies rank 0's buffers once, when it wraps
+    the task, but not before each forward. Each rank's BatchNorm running statistics
+    then follow its own shard during an epoch, and the engine makes them equal to
+    rank 0's before every validation with :func:`broadcast_states` (docs/distributed.md,
+    "BatchNorm"); this saves one broadcast of every buffer per step.
     """
     return DistributedDataParallel(
         task,
         device_ids=[device] if device.type == "cuda" else None,
         find_unused_parameters=find_unused_parameters,
+        forward_sync_buffers=False,
     )
 
 
