@@ -140,8 +140,9 @@ def bench_loader(
     ids = [str(i) for i in table["image"]]
     labels = table["diagnostic_number"].tolist()
     dev = torch.device(device)
-    ours_ds = IsicDataset(table, data_dir / "train" / "imgs", train_transform(img_size, seed=seed),
-                          data_dir / TRAIN_CSV)
+    # as runs ship it (raug.data.loaders.build_data): uint8, normalised on the device
+    ours_ds = IsicDataset(table, data_dir / "train" / "imgs",
+                          train_transform(img_size, seed=seed, normalise=False), data_dir / TRAIN_CSV)
     seed_ds = SeedOriginalsDataset(data_dir / ORIGINALS, ids, labels,
                                    train_transform(img_size, seed=seed))
     ours_loader = make_loader(ours_ds, batch, workers, dev, seed, train=True)

@@ -202,7 +202,11 @@ class IsicDataset(Dataset):
 
     ``dataset[i]`` or ``dataset[(i, seed)]`` returns::
 
-        {"image": float32 (3, S, S), "label": int64 scalar, "meta": float32 (11,), "id": str}
+        {"image": (3, S, S), "label": int64 scalar, "meta": float32 (11,), "id": str}
+
+    ``image`` is what the transform makes: normalised ``float32``, or ``uint8`` for a
+    transform built with ``normalise=False`` (:func:`build_data`'s datasets; the engine's
+    ``to_device`` normalises those on the device).
 
     ``meta`` is ``age_approx / 100`` followed by the sex and anatomical-site
     one-hots (:data:`META_COLUMNS`). The ``(i, seed)`` form reseeds the
@@ -440,7 +444,8 @@ def build_data(config: Mapping, device: torch.device, rank: int = 0, world_size:
     """Datasets, class weights and loaders from the shared config keys.
 
     Uses ``_base_path``, ``_folder``, ``_img_size``, ``_batch_size`` (per
-    process), ``_num_workers``, ``_weights``, ``_use_wce`` and ``seed``;
+    process), ``_num_workers``, ``_weights``, ``_use_wce`` and ``seed``. The loaders
+    yield ``uint8`` images (N, 3, S, S), not yet normalised (see :func:`raug.train.engine.to_device`);
     ``rank``/``world_size`` shard the loaders under torchrun (see :func:`make_loader`).
     """
     base = Path(config["_base_path"])
@@ -448,9 +453,13 @@ def build_data(config: Mapping, device: torch.device, rank: int = 0, world_size:
     size = int(config["_img_size"])
     seed = int(config["seed"])
     source = base / TRAIN_CSV
-    train = IsicDataset(train_df, base / "train" / "imgs", train_transform(size, seed=seed), source)
-    val = IsicDataset(val_df, base / "train" / "imgs", eval_transform(size), source)
-    test = IsicDataset(test_df, base / "test" / "imgs", eval_transform(size), base / TEST_CSV)
+    # uint8 images (4x fewer bytes to collate, pin and copy); raug.train.engine.to_device
+    # normalises them on the device with IMAGENET_MEAN/STD, the arithmetic of the CPU path.
+    train = IsicDataset(train_df, base / "train" / "imgs",
+                        train_transform(size, seed=seed, normalise=False), source)
+    val = IsicDataset(val_df, base / "train" / "imgs", eval_transform(size, normalise=False), source)
+    test = IsicDataset(test_df, base / "test" / "imgs", eval_transform(size, normalise=False),
+                       base / TEST_CSV)
     weight = class_weights(train.labels, len(CLASS_NAMES), config["_weights"], config["_use_wce"])
 
     def loader(ds: IsicDataset, is_train: bool) -> DataLoader:

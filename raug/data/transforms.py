@@ -3,7 +3,10 @@
 imgaug is unmaintained; :func:`train_transform` reproduces the seed's
 ``ImgTrainTransform`` step by step (the mapping is documented in
 ``docs/engine.md``). Every transform maps an RGB ``uint8`` array (H, W, 3) to a
-normalised ``float32`` tensor (3, img_size, img_size).
+normalised ``float32`` tensor (3, img_size, img_size), or with ``normalise=False``
+to the ``uint8`` tensor (3, img_size, img_size) before normalisation: what the
+run's loaders ship (4x fewer bytes); :func:`raug.train.engine.to_device` then
+normalises on the device with the same arithmetic.
 
 Randomness: albumentations draws from the generator owned by the ``Compose``
 object, never from the global numpy/python RNGs. :func:`apply_transform` reseeds
@@ -41,7 +44,9 @@ def _coarse_dropout_holes(img_size: int) -> int:
     return max(1, round(_COARSE_AREA_FRACTION * cells))
 
 
-def _normalise(mean: Sequence[float], std: Sequence[float]) -> list:
+def _normalise(mean: Sequence[float], std: Sequence[float], normalise: bool = True) -> list:
+    if not normalise:  # uint8 (3, S, S): normalised on the device (raug.train.engine.to_device)
+        return [ToTensorV2()]
     return [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
 
 
@@ -50,6 +55,7 @@ def train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     seed: int | None = None,
+    normalise: bool = True,
 ) -> A.Compose:
     """The training augmentation (albumentations equivalent of the seed's imgaug pipeline).
 
@@ -58,10 +64,13 @@ def train_transform(
         mean: per-channel normalisation mean on the 0-1 scale.
         std: per-channel normalisation std on the 0-1 scale.
         seed: seed of the pipeline's own generator (``None``: fresh entropy).
+        normalise: ``False`` leaves out the normalisation (``mean``/``std`` unused):
+            the output is the ``uint8`` tensor the device normalises.
 
     Returns:
         A ``Compose`` taking ``image=`` (H, W, 3) ``uint8`` RGB and returning
-        ``{"image": float32 tensor (3, img_size, img_size)}``.
+        ``{"image": float32 tensor (3, img_size, img_size)}`` (``uint8`` when not
+        ``normalise``).
     """
     holes = _coarse_dropout_holes(img_size)
     steps = [
@@ -108,7 +117,7 @@ def train_transform(
             ],
             p=0.25,
         ),
-        *_normalise(mean, std),
+        *_normalise(mean, std, normalise),
     ]
     compose = A.Compose(steps)
     seed_transform(compose, seed)
@@ -119,9 +128,13 @@ def eval_transform(
     img_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    normalise: bool = True,
 ) -> A.Compose:
-    """Evaluation transform: resize to a square ``img_size`` and normalise (no randomness)."""
-    return A.Compose([A.Resize(img_size, img_size), *_normalise(mean, std)])
+    """Evaluation transform: resize to a square ``img_size`` and normalise (no randomness).
+
+    ``normalise=False``: the resized ``uint8`` tensor, normalised later on the device.
+    """
+    return A.Compose([A.Resize(img_size, img_size), *_normalise(mean, std, normalise)])
 
 
 def seed_transform(transform: A.Compose, seed: int | None) -> None:
@@ -145,9 +158,12 @@ def apply_transform(transform: A.Compose, image: np.ndarray, seed: int | None = 
         seed: per-sample seed; ``None`` keeps drawing from the pipeline's current state.
 
     Returns:
-        The transformed image as a contiguous ``float32`` tensor (3, H', W').
+        The transformed image as a contiguous tensor (3, H', W'): ``float32``, or
+        ``uint8`` for a pipeline built with ``normalise=False``.
     """
     if seed is not None:
         seed_transform(transform, int(seed))
     out = transform(image=image)["image"]
+    if out.dtype == torch.uint8:
+        return out.contiguous()
     return out.float().contiguous()

@@ -29,6 +29,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from raug.data.loaders import set_loader_epoch
+from raug.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raug.files.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
 from raug.train.device import amp_dtype, autocast, resolve_device
 from raug.train.distributed import (
@@ -73,6 +74,16 @@ class FitSettings:
     is prepended to every logged metric name (e.g. ``"phase1."``).
     ``sync_bn`` converts BatchNorm to ``SyncBatchNorm`` in a distributed CUDA run
     (ignored otherwise, with a log line).
+
+    ``compile`` compiles every trained and frozen module (``__call__`` and
+    ``forward_kd``) with ``torch.compile`` on CUDA (ignored elsewhere, with a log line).
+    ``compile_backend`` is the ``torch.compile`` backend: ``None`` = the default
+    (inductor) and CUDA only; a given backend (``"eager"``, a
+    ``torch._dynamo.testing.CompileCounter``) compiles on any device (tests).
+
+    ``sync_every`` (``_sync_every``): the training loss parts stay on the device and
+    reach the host every ``sync_every`` steps and at the end of the epoch; the
+    finiteness check and the progress bar run then (1 = every step).
     """
 
     epochs: int
@@ -88,6 +99,8 @@ class FitSettings:
     amp: str | None = None
     channels_last: bool = True
     compile: bool = False
+    compile_backend: Any = None
+    sync_every: int = 16
     resume: bool = False
     sync_bn: bool = False
     best_path: str = BEST_CHECKPOINT
@@ -110,6 +123,7 @@ class FitSettings:
             amp=config["_amp"],
             channels_last=bool(config["_channels_last"]),
             compile=bool(config["_compile"]),
+            sync_every=int(config.get("_sync_every", 16)),
             resume=bool(config["_resume"]),
             sync_bn=bool(config.get("_sync_bn", False)),
         )
@@ -201,7 +215,7 @@ def fit(
             convert_sync_batchnorm(task)
         else:
             log.info("_sync_bn=True ignored: SyncBatchNorm needs a distributed run on CUDA")
-    _maybe_compile(task, settings.compile, device)
+    _maybe_compile(task, settings.compile, device, settings.compile_backend)
 
     opt = (optimizer or default_optimizer(settings))(task.trainable_parameters())
     sched = (scheduler or default_scheduler(settings))(opt)
@@ -244,7 +258,8 @@ def fit(
         # Ranks updated their BatchNorm statistics on their own shards: evaluate rank 0's
         # (the checkpointed ones) everywhere.
         broadcast_states(task.trained)
-        val_stats = validate(task, val_loader, device, dtype, epoch)
+        val_stats = validate(task, val_loader, device, dtype, epoch,
+                             channels_last=settings.channels_last)
         # Identical already (computed from the gathered predictions); rank 0's copy makes
         # the LR / best / stop decisions the same on every rank by construction.
         val_stats = broadcast_object(val_stats)
@@ -310,13 +325,20 @@ def train_one_epoch(
     ``balanced_accuracy`` of the training predictions when the step returns logits.
     With ``parallel`` (distributed runs: the task's DDP wrapper) the step runs through
     it and the means cover every rank's samples (the sampler's padding included).
+
+    No per-step host sync: the loss parts are summed on the device (float64, the
+    same sums as Python floats of the float32 values) and their per-batch values kept
+    there until the next sync, every ``settings.sync_every`` steps and at the end of
+    the epoch. A sync copies them to the host at once, checks them (naming the first
+    non-finite batch; under torchrun one all-reduce tells every rank) and updates the
+    progress bar. The training predictions stay on the device until the epoch ends.
     """
     step = parallel if parallel is not None else task  # either call runs task.train_step
     task.train()
     if hasattr(loader, "sampler"):
         set_loader_epoch(loader, epoch)
-    sums: dict[str, float] = {}
-    seen = 0
+    sync_every = max(1, int(settings.sync_every))
+    meter = _LossMeter()
     preds, labels = [], []
     bar = tqdm(loader, desc=f"{settings.desc} {epoch}/{settings.epochs} train", leave=False,
                dynamic_ncols=True, disable=not is_main_process())
@@ -324,25 +346,26 @@ def train_one_epoch(
         batch = to_device(batch, device, settings.channels_last)
         with autocast(device, dtype):
             out = step(batch)
-        values = _scalars(out)  # one device sync per batch for all parts
-        _check_finite(values, f"epoch {epoch}, batch {index} (training)")
         opt.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         scaler.step(opt)
         scaler.update()
 
-        n = _batch_len(batch)
-        seen += n
-        for name, value in values.items():
-            sums[name] = sums.get(name, 0.0) + value * n
+        meter.add(index, out, _batch_len(batch))
         if "logits" in out and "label" in batch:
-            preds.append(out["logits"].detach().argmax(dim=1).cpu())
-            labels.append(batch["label"].detach().cpu())
-        bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
-    if seen == 0:
+            preds.append(out["logits"].detach().argmax(dim=1))
+            labels.append(batch["label"].detach())
+        if (index + 1) % sync_every == 0:  # the same steps on every rank (equal step counts)
+            meter.sync(epoch)
+            bar.set_postfix(loss=f"{meter.mean('loss'):.4f}")
+    meter.sync(epoch)  # always: a collective under torchrun, and the tail of the epoch
+    if meter.seen == 0:
         raise RuntimeError("the training loader yielded no batch (dataset smaller than a batch?)")
-    y_pred = torch.cat(preds).numpy() if preds else None
-    y_true = torch.cat(labels).numpy() if preds else None
+    sums, seen = meter.sums, meter.seen
+    y_pred = y_true = None
+    if preds:  # one device-to-host copy for the epoch's predictions and labels
+        both = torch.stack([torch.cat(preds).long(), torch.cat(labels).long()]).cpu().numpy()
+        y_pred, y_true = both[0], both[1]
     if is_initialized():
         sums, seen, y_pred, y_true = _gather_train_stats(sums, seen, y_pred, y_true)
     stats = {name: total / seen for name, total in sums.items()}
@@ -350,6 +373,63 @@ def train_one_epoch(
         stats["accuracy"] = accuracy(y_true, y_pred)
         stats["balanced_accuracy"] = balanced_accuracy(y_true, y_pred)
     return stats
+
+
+class _LossMeter:
+    """Sample-weighted sums of a step's scalar parts, kept on the device between syncs.
+
+    ``add`` queues no host work: the parts of a batch are stacked into one float32
+    vector (as :func:`_scalars` converts them) and ``sum += value.double() * n`` is
+    added on the device, batch after batch, so the float64 sums equal the Python
+    floats the per-step loop used to add (same products, same order). ``sync`` copies
+    the sums and the per-batch values since the last sync to the host with one
+    ``tolist`` and checks them.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}  # host copy as of the last sync
+        self.seen = 0  # samples covered by ``sums``
+        self._device_sums: dict[tuple[str, ...], torch.Tensor] = {}  # one vector per set of names
+        self._pending: list[tuple[int, tuple[str, ...], torch.Tensor]] = []  # (batch, names, values)
+        self._pending_seen = 0
+
+    def add(self, index: int, out: Mapping[str, Any], n: int) -> None:
+        names, values = _scalar_vector(out)
+        weighted = values.double() * n
+        total = self._device_sums.get(names)
+        self._device_sums[names] = weighted if total is None else total + weighted
+        self._pending.append((index, names, values))
+        self._pending_seen += n
+
+    def mean(self, name: str) -> float:
+        return self.sums.get(name, math.nan) / max(self.seen, 1)
+
+    def sync(self, epoch: int) -> None:
+        """Bring sums and per-batch values to the host; raise on a non-finite one (all ranks)."""
+        groups = list(self._device_sums.items())
+        pending, self._pending = self._pending, []
+        tensors = [v for _, v in groups] + [v.double() for _, _, v in pending]
+        flat = torch.cat(tensors).tolist() if tensors else []
+        pos = 0
+        sums: dict[str, float] = {}
+        for names, _ in groups:
+            for name in names:
+                sums[name] = sums.get(name, 0.0) + flat[pos]
+                pos += 1
+        bad_batch: tuple[int, dict[str, float]] | None = None
+        for index, names, _ in pending:
+            row = dict(zip(names, flat[pos:pos + len(names)]))
+            pos += len(names)
+            if bad_batch is None and not all(math.isfinite(v) for v in row.values()):
+                bad_batch = (index, row)
+        self.sums, self.seen = sums, self.seen + self._pending_seen
+        self._pending_seen = 0
+        span = f"{pending[0][0]}-{pending[-1][0]}" if pending else "none"
+        # the first non-finite batch since the last sync (checked together, every
+        # sync_every steps); the message keeps the per-step check's form
+        _check_first_bad_batch(epoch, bad_batch)
+        # finite batches can still overflow a sum
+        _check_finite(sums, f"epoch {epoch}, batches {span} (training, the epoch's running sums)")
 
 
 @dataclass
@@ -413,10 +493,20 @@ def evaluate(
 
 
 def validate(
-    task: Task, loader: Iterable, device: torch.device, dtype: torch.dtype | None, epoch: int
+    task: Task,
+    loader: Iterable,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    epoch: int,
+    channels_last: bool = True,
 ) -> dict[str, float]:
-    """Validation loss/parts plus accuracy, balanced accuracy and macro AUC (when logits exist)."""
-    result = evaluate(task, loader, device, dtype, desc=f"epoch {epoch} val")
+    """Validation loss/parts plus accuracy, balanced accuracy and macro AUC (when logits exist).
+
+    ``channels_last`` is the run's ``settings.channels_last`` (the memory format the
+    trained modules were converted to).
+    """
+    result = evaluate(task, loader, device, dtype, channels_last=channels_last,
+                      desc=f"epoch {epoch} val")
     _check_finite(result.stats, f"epoch {epoch} (validation)")
     stats = dict(result.stats)
     if result.logits is not None and result.labels is not None:
@@ -431,16 +521,52 @@ def validate(
 # ----------------------------------------------------------------------------- helpers
 
 
-def to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bool) -> dict:
-    """Move the tensors of a batch to ``device`` (images channels-last if asked)."""
+def to_device(
+    batch: Mapping[str, Any],
+    device: torch.device,
+    channels_last: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> dict:
+    """Move the tensors of a batch to ``device`` (images channels-last if asked).
+
+    ``uint8`` image batches (what :func:`raug.data.loaders.build_data`'s loaders yield:
+    (N, 3, S, S), or (N, S, S, 3)) are copied as bytes and normalised on ``device``:
+    ``(x - 255 mean) / (255 std)`` in float32, exactly the arithmetic of the CPU
+    transform (albumentations ``Normalize(max_pixel_value=255)``), then made
+    channels-last in the same pass when asked. Float tensors are moved as they are.
+    """
     moved = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
-            if channels_last and value.dim() == 4 and value.is_floating_point():
+            if value.dtype == torch.uint8 and value.dim() == 4:
+                value = normalize_images(value, mean, std, channels_last)
+            elif channels_last and value.dim() == 4 and value.is_floating_point():
                 value = value.contiguous(memory_format=torch.channels_last)
         moved[key] = value
     return moved
+
+
+def normalize_images(
+    images: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """``uint8`` images (N, 3, H, W) or (N, H, W, 3) -> normalised float32 (N, 3, H, W).
+
+    The arithmetic of albumentations' ``Normalize(mean, std, max_pixel_value=255)``
+    (``(x - mean * 255) * (1 / (std * 255))`` in float32), on the images' device.
+    """
+    if images.shape[1] != 3 and images.shape[-1] == 3:  # NHWC: a channels-last view of NCHW
+        images = images.permute(0, 3, 1, 2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = images.to(dtype=torch.float32, memory_format=fmt)
+    scale = 255.0
+    m = torch.tensor([v * scale for v in mean], dtype=torch.float32, device=x.device)
+    inv = torch.tensor([1.0 / (v * scale) for v in std], dtype=torch.float32, device=x.device)
+    return x.sub_(m.view(1, -1, 1, 1)).mul_(inv.view(1, -1, 1, 1))
 
 
 def _batch_len(batch: Mapping[str, Any]) -> int:
@@ -449,8 +575,8 @@ def _batch_len(batch: Mapping[str, Any]) -> int:
     return int(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
 
 
-def _scalars(out: Mapping[str, Any]) -> dict[str, float]:
-    """The scalar entries of a step output as Python floats, with one device sync."""
+def _scalar_vector(out: Mapping[str, Any]) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The scalar entries of a step output as one float32 vector on the loss's device (no sync)."""
     if "loss" not in out:
         raise KeyError(f"a step must return a scalar 'loss'; got keys {sorted(out)}")
     device = out["loss"].device if isinstance(out["loss"], torch.Tensor) else None
@@ -463,7 +589,13 @@ def _scalars(out: Mapping[str, Any]) -> dict[str, float]:
         else:
             continue
         names.append(name)
-    return dict(zip(names, torch.stack(values).tolist()))
+    return tuple(names), torch.stack(values)
+
+
+def _scalars(out: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar entries of a step output as Python floats, with one device sync."""
+    names, values = _scalar_vector(out)
+    return dict(zip(names, values.tolist()))
 
 
 def _check_finite(values: Mapping[str, float], where: str) -> None:
@@ -473,13 +605,34 @@ def _check_finite(values: Mapping[str, float], where: str) -> None:
     # others waiting forever in the next gradient all-reduce.
     ranks = failed_ranks(bool(bad))
     if ranks:
-        parts = ", ".join(f"{k}={v}" for k, v in bad.items())
-        if get_world_size() > 1:
-            parts = f"on rank(s) {ranks}" + (f" (here, rank {get_rank()}: {parts})" if parts else "")
-        raise NonFiniteLossError(
-            f"non-finite loss at {where}: {parts}; the last checkpoint written before "
-            "this epoch is kept (lower _lr_init or check the data)"
-        )
+        raise NonFiniteLossError(_non_finite_message(where, bad, ranks))
+
+
+def _non_finite_message(where: str, bad: Mapping[str, float], ranks: Sequence[int]) -> str:
+    parts = ", ".join(f"{k}={v}" for k, v in bad.items() if not math.isfinite(v))
+    if get_world_size() > 1:
+        parts = f"on rank(s) {list(ranks)}" + (f" (here, rank {get_rank()}: {parts})" if parts else "")
+    return (f"non-finite loss at {where}: {parts}; the last checkpoint written before "
+            "this epoch is kept (lower _lr_init or check the data)")
+
+
+def _check_first_bad_batch(epoch: int, bad_batch: tuple[int, dict[str, float]] | None) -> None:
+    """Raise when any rank saw a non-finite batch since the last sync (all ranks raise).
+
+    Names the earliest such batch over the ranks, and the ranks where it was non-finite:
+    under torchrun a NaN on one rank reaches every rank's weights through the gradient
+    all-reduce one step later, so later batches say nothing about where it began.
+    """
+    # a collective in distributed runs (every rank syncs at the same steps)
+    indices = all_gather_object(None if bad_batch is None else bad_batch[0])
+    found = [i for i in indices if i is not None]
+    if not found:
+        return
+    first = min(found)
+    here = bad_batch[1] if bad_batch is not None and bad_batch[0] == first else {}
+    ranks = [rank for rank, i in enumerate(indices) if i == first]
+    raise NonFiniteLossError(_non_finite_message(f"epoch {epoch}, batch {first} (training)",
+                                                 here, ranks))
 
 
 def _gather_train_stats(sums, seen, y_pred, y_true):
@@ -528,15 +681,26 @@ def _gather_eval(result: EvalOutput, seen: int, shard: Sequence[int]) -> tuple[E
     ), sum(part["seen"] for part in parts)
 
 
-def _maybe_compile(task: Task, enabled: bool, device: torch.device) -> None:
+def _maybe_compile(task: Task, enabled: bool, device: torch.device, backend: Any = None) -> None:
+    """Compile what the steps run: every trained/frozen module's ``__call__`` and ``forward_kd``.
+
+    ``nn.Module.compile()`` compiles ``__call__`` only, and the training steps call
+    ``forward_kd`` (the features and logits in one pass); that bound method is compiled
+    too and stored on the instance (not in the state dict: checkpoints keep their keys).
+    Without an explicit ``backend`` this happens on CUDA only.
+    """
     if not enabled:
         return
-    if device.type != "cuda":
+    if device.type != "cuda" and backend is None:
         log.info("_compile=True ignored on %s: torch.compile is used on CUDA only", device)
         return
+    options = {} if backend is None else {"backend": backend}
     # nn.Module.compile() compiles in place, so state_dict keys keep their names.
     for module in (*task.trained.values(), *task.frozen.values()):
-        module.compile()
+        module.compile(**options)
+        forward_kd = getattr(module, "forward_kd", None)
+        if callable(forward_kd) and not hasattr(forward_kd, "_torchdynamo_orig_callable"):
+            module.forward_kd = torch.compile(forward_kd, **options)
 
 
 def _log_row(outputs: RunOutputs, row: Mapping[str, float], prefix: str) -> None:
@@ -642,6 +806,7 @@ __all__ = [
     "evaluate",
     "fit",
     "load_modules",
+    "normalize_images",
     "to_device",
     "train_one_epoch",
     "validate",
