@@ -10,12 +10,23 @@
 #    growth, batch scaling, projections), then the ratios only with AMP bf16, fp16 and
 #    with channels-last off; the JSON of each run goes next to the log.
 # Every command has its own timeout (sum 295 s); a failure is logged and the script goes
-# on, then exits 1. Exit 3: no CUDA device. Interpreter: $PYTHON, else .venv/bin/python.
+# on, then exits 1. Exit 3: no CUDA device. run.py exits 1 only for a missed target of the
+# device it measured (the GPU targets here), never for the CPU targets.
+#
+# Interpreter: $PYTHON if set; else .venv/bin/python, created first by tools/env.sh (run,
+# not sourced, so its `set -e` stays out of this script; TORCH_CUDA=... picks the torch
+# build, README "GPU install") when a clean checkout has no .venv; else python3. The
+# repository root is put on PYTHONPATH, so `raug` imports without the editable install.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+if [ -z "${PYTHON:-}" ] && [ ! -x "$ROOT/.venv/bin/python" ]; then
+    echo "[gpu.sh] no .venv: creating it with tools/env.sh"
+    bash "$ROOT/tools/env.sh" || echo "[gpu.sh] tools/env.sh failed; trying python3"
+fi
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 STAMP="$(date +%Y%m%d-%H%M%S)"
 LOG="${1:-results/benchmarks/gpu-$STAMP.log}"
 OUT="$(dirname "$LOG")"

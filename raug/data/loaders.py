@@ -16,6 +16,7 @@ of loader workers.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -349,6 +350,41 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(base % 2**32)  # noqa: NPY002
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else ``os.cpu_count()``, else 1)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(value: int | str) -> int:
+    """``_num_workers``: an integer is kept; ``"auto"`` shares the node's CPUs.
+
+    ``"auto"`` = ``min(8, CPUs // LOCAL_WORLD_SIZE)``, at least 1 when the process may use
+    2 or more CPUs, and 0 (load in the main process) on a single CPU. Every process of a
+    torchrun node (``LOCAL_WORLD_SIZE``, 1 without torchrun) starts this many workers, so
+    together they stay within the CPUs instead of each taking 8. The floor of 1: with
+    more processes than CPUs the share rounds to 0, but loading in the main process would
+    stall every step, while one worker per process overlaps decoding with the step (the
+    main process mostly waits on the GPU). On a single CPU a worker cannot overlap anything
+    and only adds process start-up and copies, hence 0.
+    """
+    if value != "auto":
+        return int(value)
+    cpus = available_cpus()
+    if cpus < 2:
+        return 0
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:  # raug.train.distributed rejects it before any loader is built
+        local = 1
+    return max(1, min(MAX_AUTO_WORKERS, cpus // local))
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -444,7 +480,7 @@ def build_data(config: Mapping, device: torch.device, rank: int = 0, world_size:
     """Datasets, class weights and loaders from the shared config keys.
 
     Uses ``_base_path``, ``_folder``, ``_img_size``, ``_batch_size`` (per
-    process), ``_num_workers``, ``_weights``, ``_use_wce`` and ``seed``. The loaders
+    process), ``_num_workers`` (``"auto"``: :func:`resolve_num_workers`), ``_weights``, ``_use_wce`` and ``seed``. The loaders
     yield ``uint8`` images (N, 3, S, S), not yet normalised (see :func:`raug.train.engine.to_device`);
     ``rank``/``world_size`` shard the loaders under torchrun (see :func:`make_loader`).
     """
@@ -461,10 +497,11 @@ def build_data(config: Mapping, device: torch.device, rank: int = 0, world_size:
     test = IsicDataset(test_df, base / "test" / "imgs", eval_transform(size, normalise=False),
                        base / TEST_CSV)
     weight = class_weights(train.labels, len(CLASS_NAMES), config["_weights"], config["_use_wce"])
+    workers = resolve_num_workers(config["_num_workers"])
 
     def loader(ds: IsicDataset, is_train: bool) -> DataLoader:
         return make_loader(
-            ds, int(config["_batch_size"]), int(config["_num_workers"]), device, seed, is_train,
+            ds, int(config["_batch_size"]), workers, device, seed, is_train,
             rank=rank, world_size=world_size,
         )
 

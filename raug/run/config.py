@@ -45,11 +45,14 @@ SHARED_CONFIG: dict[str, Any] = {
     "_use_meta_data": False,
     "_img_size": 224,
     "_device": "auto",  # auto / cpu / cuda / cuda:<i>
-    "_num_workers": min(8, os.cpu_count() or 1),
+    # "auto": min(8, CPUs // processes on this node) (raug.data.loaders.resolve_num_workers)
+    "_num_workers": "auto",
     # auto: bf16 on sm_80+, fp16 (GradScaler) on sm_70/75, off on CPU; None / "off" / "bf16" / "fp16"
     "_amp": "auto",
     "_channels_last": True,
     "_compile": False,  # torch.compile (CUDA only)
+    "_cudnn_benchmark": True,  # CUDA: torch.backends.cudnn.benchmark (no effect on CPU)
+    "_tf32": True,  # CUDA: TF32 float32 matmuls/convolutions (set_float32_matmul_precision("high"))
     "_sync_every": 16,  # training loss parts reach the host every N steps (1 = every step)
     "_resume": False,  # continue from <_save_folder>/last-checkpoint
     "_sync_bn": False,  # torchrun on CUDA: SyncBatchNorm (BN statistics over the global batch)
@@ -74,7 +77,7 @@ QUICK_CONFIG: dict[str, Any] = {
 RESUMABLE_CHANGES = frozenset(
     {"_epochs", "_early_stop", "_device", "_num_workers", "_amp", "_channels_last",
      "_compile", "_resume", "_base_path", "_save_folder", "_sync_bn", "_allow_split_mismatch",
-     "_sync_every"}
+     "_sync_every", "_cudnn_benchmark", "_tf32"}
 )
 
 # Sacred seeds numpy's legacy RandomState with the run seed, which accepts [0, 2**32 - 1] only.
@@ -118,7 +121,9 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     integer("_epochs", 1)
     integer("_sched_patience", 0)
     integer("_early_stop", 1)
-    integer("_num_workers", 0)
+    workers = config["_num_workers"]
+    need(workers == "auto" or (_is_int(workers) and workers >= 0), "_num_workers",
+         "expected 'auto' or an integer >= 0")
     integer("_sync_every", 1)
     integer("seed", 0, SEED_MAX)
     size = config["_img_size"]
@@ -134,7 +139,7 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     need(config["_best_metric"] in VAL_METRICS, "_best_metric", f"allowed: {list(VAL_METRICS)}")
     need(config["_amp"] in AMP_CHOICES, "_amp", "allowed: 'auto', None, 'off', 'bf16', 'fp16'")
     for key in ("_use_wce", "_pretrained", "_use_meta_data", "_channels_last", "_compile", "_resume",
-                "_sync_bn", "_gather_embeddings"):
+                "_sync_bn", "_gather_embeddings", "_cudnn_benchmark", "_tf32"):
         need(isinstance(config[key], bool), key, "expected True or False")
     if config["_use_meta_data"] is True:
         problems.append(

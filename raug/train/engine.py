@@ -84,6 +84,11 @@ class FitSettings:
     ``sync_every`` (``_sync_every``): the training loss parts stay on the device and
     reach the host every ``sync_every`` steps and at the end of the epoch; the
     finiteness check and the progress bar run then (1 = every step).
+
+    ``cudnn_benchmark`` (``_cudnn_benchmark``) and ``tf32`` (``_tf32``): CUDA speed
+    settings applied at the start of :func:`fit` by :func:`apply_cuda_speed_settings`
+    (``torch.backends.cudnn.benchmark`` and ``torch.set_float32_matmul_precision("high")``);
+    nothing changes on other devices.
     """
 
     epochs: int
@@ -103,6 +108,8 @@ class FitSettings:
     sync_every: int = 16
     resume: bool = False
     sync_bn: bool = False
+    cudnn_benchmark: bool = True
+    tf32: bool = True
     best_path: str = BEST_CHECKPOINT
     last_path: str = LAST_CHECKPOINT
     log_prefix: str = ""
@@ -126,8 +133,30 @@ class FitSettings:
             sync_every=int(config.get("_sync_every", 16)),
             resume=bool(config["_resume"]),
             sync_bn=bool(config.get("_sync_bn", False)),
+            cudnn_benchmark=bool(config.get("_cudnn_benchmark", True)),
+            tf32=bool(config.get("_tf32", True)),
         )
         return replace(settings, **overrides)
+
+
+def apply_cuda_speed_settings(device: torch.device, settings: FitSettings) -> None:
+    """On CUDA, set the process-wide speed flags of ``settings``; elsewhere do nothing.
+
+    ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark`` (cuDNN times its convolution
+    algorithms once per input shape and keeps the fastest; the training shapes are fixed).
+    ``tf32``: ``torch.set_float32_matmul_precision("high")`` and TF32 cuDNN convolutions
+    (float32 matmuls/convolutions on TensorFloat-32 tensor cores, sm_80 and newer; a 10-bit
+    mantissa in the products, float32 accumulation). ``tf32=False`` asks for strict float32:
+    ``"highest"`` and no TF32 convolutions either (PyTorch allows those by default);
+    ``cudnn_benchmark=False`` sets ``cudnn.benchmark=False`` (PyTorch's default).
+    These flags are global to the process; on a CPU device nothing is touched, so a CPU run
+    is bit-identical whatever the settings.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = bool(settings.cudnn_benchmark)
+    torch.set_float32_matmul_precision("high" if settings.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = bool(settings.tf32)
 
 
 @dataclass
@@ -207,6 +236,7 @@ def fit(
     device = resolve_device(settings.device)
     if distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # cuda:LOCAL_RANK
+    apply_cuda_speed_settings(device, settings)
     dtype = amp_dtype(settings.amp, device)
     memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
     task.to(device=device, memory_format=memory_format)
