@@ -74,9 +74,10 @@ def test_speed_keys_config_checks_and_resume():
 
 
 def test_num_workers_config_accepts_auto_and_integers_only():
-    assert SHARED_CONFIG["_num_workers"] == "auto"
+    assert SHARED_CONFIG["_num_workers"] is None  # auto (None: Sacred allows `_num_workers=4`)
     assert QUICK_CONFIG["_num_workers"] == 0
-    for ok in ("auto", 0, 3):
+    assert resolve_num_workers(None) == resolve_num_workers("auto")
+    for ok in (None, "auto", 0, 3):
         assert not any("_num_workers" in p for p in shared_checks({**SHARED_CONFIG, "_num_workers": ok}))
     for bad in (-1, "many", 2.0, True):
         problems = shared_checks({**SHARED_CONFIG, "_num_workers": bad})

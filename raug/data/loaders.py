@@ -361,10 +361,10 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_num_workers(value: int | str) -> int:
-    """``_num_workers``: an integer is kept; ``"auto"`` shares the node's CPUs.
+def resolve_num_workers(value: int | str | None) -> int:
+    """``_num_workers``: an integer is kept; ``None`` (the default) or ``"auto"`` shares the node's CPUs.
 
-    ``"auto"`` = ``min(8, CPUs // LOCAL_WORLD_SIZE)``, at least 1 when the process may use
+    ``None``/``"auto"`` = ``min(8, CPUs // LOCAL_WORLD_SIZE)``, at least 1 when the process may use
     2 or more CPUs, and 0 (load in the main process) on a single CPU. Every process of a
     torchrun node (``LOCAL_WORLD_SIZE``, 1 without torchrun) starts this many workers, so
     together they stay within the CPUs instead of each taking 8. The floor of 1: with
@@ -373,7 +373,7 @@ def resolve_num_workers(value: int | str) -> int:
     main process mostly waits on the GPU). On a single CPU a worker cannot overlap anything
     and only adds process start-up and copies, hence 0.
     """
-    if value != "auto":
+    if value is not None and value != "auto":
         return int(value)
     cpus = available_cpus()
     if cpus < 2:

@@ -45,8 +45,10 @@ SHARED_CONFIG: dict[str, Any] = {
     "_use_meta_data": False,
     "_img_size": 224,
     "_device": "auto",  # auto / cpu / cuda / cuda:<i>
-    # "auto": min(8, CPUs // processes on this node) (raug.data.loaders.resolve_num_workers)
-    "_num_workers": "auto",
+    # None (or "auto"): min(8, CPUs // processes on this node), see
+    # raug.data.loaders.resolve_num_workers. None, not "auto", is the default: Sacred warns
+    # about a type change when `_num_workers=4` replaces a string, not when it replaces None.
+    "_num_workers": None,
     # auto: bf16 on sm_80+, fp16 (GradScaler) on sm_70/75, off on CPU; None / "off" / "bf16" / "fp16"
     "_amp": "auto",
     "_channels_last": True,
@@ -122,7 +124,7 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     integer("_sched_patience", 0)
     integer("_early_stop", 1)
     workers = config["_num_workers"]
-    need(workers == "auto" or (_is_int(workers) and workers >= 0), "_num_workers",
+    need(workers is None or workers == "auto" or (_is_int(workers) and workers >= 0), "_num_workers",
          "expected 'auto' or an integer >= 0")
     integer("_sync_every", 1)
     integer("seed", 0, SEED_MAX)
