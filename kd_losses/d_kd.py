@@ -48,6 +48,7 @@ def relational_kd(
     out_t: Mapping[str, torch.Tensor],
     weights: RelationalWeights | None = None,
     method: str = "hr",
+    anchors: slice | None = None,
 ) -> dict[str, torch.Tensor]:
     """The relational block ``lambd_drkd (w_dist D + w_angle A) + lambd_crkd CR``.
 
@@ -57,6 +58,9 @@ def relational_kd(
         out_s, out_t: student (``feats_7x7`` adapted) and teacher ``forward_kd`` dicts.
         weights: the block's weights (default: :class:`RelationalWeights`'s defaults).
         method: named in error messages.
+        anchors: the rows of ``avg_pool`` whose RKD rows this call averages over
+            (:func:`kd_losses.rkd.rkd_angle`); ``None``: all. The channel relation is
+            per sample and always uses every row it is given.
 
     Returns:
         ``{"hr": weighted sum, "rkd_distance", "rkd_angle", "channel_relation"}``
@@ -68,8 +72,8 @@ def relational_kd(
     if weights.uses_rkd:
         pool_s = _get(out_s, "avg_pool", "student", method)
         pool_t = _get(out_t, "avg_pool", "teacher", method)
-        parts["rkd_distance"] = rkd_distance(pool_s, pool_t)
-        parts["rkd_angle"] = rkd_angle(pool_s, pool_t)
+        parts["rkd_distance"] = rkd_distance(pool_s, pool_t, anchors)
+        parts["rkd_angle"] = rkd_angle(pool_s, pool_t, anchors)
         total = weights.lambd_drkd * (
             weights.w_dist * parts["rkd_distance"] + weights.w_angle * parts["rkd_angle"]
         )
@@ -92,6 +96,7 @@ def d_kd(
     class_weight: torch.Tensor | Sequence[float] | None = None,
     method: str = "d_kd",
     weights: DKDWeights | None = None,
+    anchors: slice | None = None,
 ) -> dict[str, torch.Tensor]:
     """D-KD loss and its parts for one batch.
 
@@ -104,6 +109,7 @@ def d_kd(
         method: one of :data:`KD_METHODS` (its row of ``DKD_FAMILY`` selects the terms).
         weights: ``lambd`` (share of soft KD vs CE_w), ``T``, ``lambd_fitnet`` (CE_w keeps
             weight 1) and the relational block's weights (default: :class:`DKDWeights`'s).
+        anchors: RKD anchor rows of ``avg_pool`` (:func:`relational_kd`); ``None``: all.
 
     Returns:
         ``{"loss": weighted total, "ce": CE_w, "kd": soft_kd (without T^2),
@@ -127,7 +133,7 @@ def d_kd(
         loss = loss + weights.lambd_fitnet * terms["fitnet"]
     block = row.relational(weights)
     if block is not None:
-        rel = relational_kd(out_s, out_t, block, method=method)
+        rel = relational_kd(out_s, out_t, block, method=method, anchors=anchors)
         loss = loss + rel.pop("hr")
         terms.update(rel)
     return {"loss": loss, **terms}

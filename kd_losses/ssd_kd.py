@@ -30,6 +30,7 @@ def ssd_kd_loss(
     target: torch.Tensor,
     class_weight: torch.Tensor | Sequence[float] | None = None,
     weights: SSDKDWeights | None = None,
+    anchors: slice | None = None,
 ) -> dict[str, torch.Tensor]:
     """SSD-KD loss and all its named parts for one batch of 4B views.
 
@@ -43,6 +44,8 @@ def ssd_kd_loss(
             (0 skips the relational block: ``hr`` = 0, parts absent), the block's weights
             (0 skips a part) and ``w_ce, w_kd, w_tf, w_ss`` (default:
             :class:`~kd_losses.weights.SSDKDWeights`'s).
+        anchors: RKD anchor rows of the views' ``avg_pool``
+            (:func:`kd_losses.d_kd.relational_kd`); ``None``: all.
 
     Returns:
         ``loss, ce, kd, tf, ss, hr, rkd_distance, rkd_angle, channel_relation, n_tf,
@@ -53,7 +56,7 @@ def ssd_kd_loss(
     logits_s = out_s["logits"]
     terms = ssd_kd_terms(logits_s, out_t["logits"], proj_s, proj_t, target, class_weight, w)
     if w.hr_w != 0:
-        rel = relational_kd(out_s, out_t, w.relational, method="ssd_kd")
+        rel = relational_kd(out_s, out_t, w.relational, method="ssd_kd", anchors=anchors)
     else:
         rel = {"hr": logits_s.new_zeros((), dtype=result_dtype(logits_s))}
     loss = (

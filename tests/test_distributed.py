@@ -5,6 +5,7 @@ for the engine-level checks and ``python -m torch.distributed.run`` for the
 experiment scripts, exactly as a user launches them.
 """
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -23,7 +24,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from kd_losses import rkd_angle, rkd_distance
+from kd_losses import RelationalWeights, relational_kd
 from raug.data.loaders import TEST_CSV, TRAIN_CSV, EpochSampler, ShardSampler, make_loader
 from raug.files.checkpoint import load_checkpoint
 from raug.files.paths import REPO_ROOT
@@ -37,6 +38,7 @@ from raug.train.distributed import (
     distributed_device,
     env_from_environ,
     gather_embeddings,
+    own_rows,
     set_gather_embeddings,
     wrap_task,
 )
@@ -213,8 +215,10 @@ def _entry(rank, init, out):
         dist.destroy_process_group()
 
 
-def _relational_loss(emb_s, emb_t):
-    return 25 * rkd_distance(emb_s, emb_t) + 50 * rkd_angle(emb_s, emb_t)
+def _relational_loss(emb_s, emb_t, anchors=None):
+    """25 RKD distance + 50 RKD angle, through the block the KD tasks use."""
+    rkd_only = RelationalWeights(lambd_drkd=1.0, lambd_crkd=0.0)
+    return relational_kd({"avg_pool": emb_s}, {"avg_pool": emb_t}, rkd_only, anchors=anchors)["hr"]
 
 
 def _problem():
@@ -234,6 +238,22 @@ def _problem():
     return layer, x, emb_t, [slice(0, 3), slice(3, 8)]
 
 
+@contextlib.contextmanager
+def _host_reads():
+    """Records every Tensor.item / tolist call (a host sync on CUDA) inside the block."""
+    reads = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("item", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self_, *args, _name=name, _original=original, **kwargs):
+                reads.append(_name)
+                return _original(self_, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, counted)
+        yield reads
+
+
 def _gather_grad_worker(rank, out):
     layer, x, emb_t, shards = _problem()
     ddp = nn.parallel.DistributedDataParallel(layer)
@@ -245,17 +265,30 @@ def _gather_grad_worker(rank, out):
     # the raw per-shard gradient: world_size * dL/d(own rows)
     rows = x[own].clone().requires_grad_(True)
     _relational_loss(all_gather_rows(rows @ layer.weight.detach().t()), teacher).backward()
-    # the tasks' hook: gathers only when switched on and while autograd records
+    # The tasks' path: equal shards (4 + 4) as training gives them; the hooks gather only
+    # when switched on and while autograd records, and each rank averages the RKD rows of
+    # its own anchors only (own_rows) against the global batch.
+    half = slice(4 * rank, 4 * rank + 4)
+    hook_layer = copy.deepcopy(layer)
+    hook_layer.zero_grad(set_to_none=True)
+    hook_ddp = nn.parallel.DistributedDataParallel(hook_layer)
     set_gather_embeddings(True)
     try:
         with torch.inference_mode():
-            in_eval = gather_embeddings(emb_t[own]).shape[0]
-        in_training = gather_embeddings(emb_t[own]).shape[0]
+            in_eval = gather_embeddings(emb_t[half]).shape[0]
+        anchors = own_rows(4)
+        with _host_reads() as reads:  # the hooks read nothing back to the host
+            hook_loss = _relational_loss(gather_embeddings(hook_ddp(x[half])),
+                                         gather_embeddings(emb_t[half]), anchors)
+            hook_loss.backward()
     finally:
         set_gather_embeddings(False)
-    off = gather_embeddings(emb_t[own]).shape[0]
+    off = (gather_embeddings(emb_t[half]).shape[0], own_rows(4))
     torch.save({"loss": loss.detach(), "weight": layer.weight.grad, "bias": layer.bias.grad,
-                "rows": rows.grad, "rows_seen": (in_eval, in_training, off)}, out / f"rank{rank}.pt")
+                "rows": rows.grad, "hook_loss": hook_loss.detach(),
+                "hook_weight": hook_layer.weight.grad, "hook_bias": hook_layer.bias.grad,
+                "hook_rows": (in_eval, (anchors.start, anchors.stop), off), "reads": reads},
+               out / f"rank{rank}.pt")
 
 
 @pytest.mark.numeric
@@ -275,8 +308,16 @@ def test_all_gather_rows_gives_the_single_process_gradient(spawned):
         assert torch.allclose(got["bias"], layer.bias.grad, rtol=1e-10, atol=1e-12)
         assert torch.allclose(got["rows"], WORLD * x_rows.grad[shards[rank]], rtol=1e-10,
                               atol=1e-12)
-        own = shards[rank].stop - shards[rank].start
-        assert got["rows_seen"] == (own, 8, own)
+        # the hook path: rank r's anchors are its own rows; gradients equal the one process's
+        assert got["hook_rows"] == (4, (4 * rank, 4 * rank + 4), (4, None))
+        assert got["reads"] == []  # equal training shards: no row counts exchanged
+        assert torch.allclose(got["hook_weight"], layer.weight.grad, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(got["hook_bias"], layer.bias.grad, rtol=1e-10, atol=1e-12)
+    # each rank's value covers its own anchors: their mean is the single-process loss
+    hook_losses = [torch.load(out / f"rank{r}.pt", weights_only=True)["hook_loss"]
+                   for r in range(WORLD)]
+    assert torch.allclose(sum(hook_losses) / WORLD, loss.detach(), rtol=1e-10, atol=1e-12)
+    assert abs((hook_losses[0] - hook_losses[1]).item()) > 1e-3 * loss.item()  # really per rank
 
 
 def _blobs(n, seed, dtype=torch.float32):

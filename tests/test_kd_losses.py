@@ -247,6 +247,46 @@ def test_dtype_is_kept(dtype):
         assert torch.isfinite(r)
 
 
+@pytest.mark.parametrize("term", [K.rkd_distance, K.rkd_angle])
+def test_rkd_anchor_rows_partition_the_loss_and_its_gradient(term):
+    """Per-rank anchors (issue #16): the parts of a partition of the rows rebuild the loss.
+
+    Equal parts average to the full loss, unequal parts weighted by their size do too,
+    and so do the gradients, i.e. what data-parallel ranks computing only their own
+    anchors against the global batch add up to. Float64: the claim is an identity, only
+    the summation order differs (~1e-16 relative), so 1e-12 is a wide margin.
+    """
+    s = _rand(12, 6, seed=21).requires_grad_(True)
+    t = _rand(12, 9, seed=22)
+    full = term(s, t)
+    (full_grad,) = torch.autograd.grad(full, s)
+    for parts in ([slice(0, 4), slice(4, 8), slice(8, 12)], [slice(0, 5), slice(5, 12)]):
+        sizes = [p.stop - p.start for p in parts]
+        values = [term(s, t, anchors=p) for p in parts]
+        total = sum(n * v for n, v in zip(sizes, values)) / 12
+        (grad,) = torch.autograd.grad(total, s)
+        assert total.item() == pytest.approx(full.item(), rel=1e-12)
+        assert torch.allclose(grad, full_grad, rtol=1e-12, atol=1e-15)
+        assert len({round(v.item(), 6) for v in values}) == len(values)  # parts really differ
+    assert term(s, t, anchors=slice(0, 12)).item() == pytest.approx(full.item(), rel=1e-15)
+    with pytest.raises(ValueError, match=r"anchors slice\(10, 14, None\) is not a non-empty run"):
+        term(s, t, anchors=slice(10, 14))
+    with pytest.raises(ValueError, match="anchors"):
+        term(s, t, anchors=slice(0, 12, 2))
+
+
+def test_rkd_angle_anchor_rows_need_only_their_triplets():
+    """The angles of anchors A are the rows A of the full N x N x N cosine block.
+
+    Float64 cosines of 5-term sums; a kernel may block the smaller batch differently,
+    which moves the last bit (~1e-16): 1e-14 absolute.
+    """
+    e = _rand(7, 5, seed=23)
+    full = K.triplet_angles(e).reshape(7, 7, 7)
+    assert torch.allclose(K.triplet_angles(e, slice(2, 5)).reshape(3, 7, 7), full[2:5],
+                          rtol=0, atol=1e-14)
+
+
 def test_rkd_distance_of_a_single_sample_is_zero_not_nan():
     s = _rand(1, 4).requires_grad_(True)
     loss = K.rkd_distance(s, _rand(1, 6, seed=1))

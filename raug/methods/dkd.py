@@ -20,7 +20,7 @@ import models
 from kd_losses import DKD_FAMILY, DKDMethod, DKDWeights, d_kd, dkd_method
 from raug.methods.kd_config import dkd_checks
 from raug.methods.teacher import frozen_forward, load_teacher
-from raug.train.distributed import gather_fields
+from raug.train.distributed import gather_fields, own_rows
 from raug.train.method import Method
 from raug.train.task import Task
 
@@ -83,10 +83,12 @@ class DKDTask(Task):
             out_t = frozen_forward(self.frozen["teacher"], images)
         if "adapter" in self.trained:
             out_s = {**out_s, "feats_7x7": self.trained["adapter"](out_s["feats_7x7"])}
-        # _gather_embeddings=True under torchrun: RKD over the global batch (docs/distributed.md)
+        # _gather_embeddings=True under torchrun: RKD of this rank's anchors against the
+        # global batch (docs/distributed.md)
+        anchors = own_rows(images.shape[0])
         out_s, out_t = gather_fields(out_s, ("avg_pool",)), gather_fields(out_t, ("avg_pool",))
         parts = d_kd(out_s, out_t, batch["label"], self.class_weight, method=self.method.name,
-                     weights=self.weights)
+                     weights=self.weights, anchors=anchors)
         return {**parts, "logits": out_s["logits"]}
 
     def eval_step(self, batch: dict) -> dict:

@@ -47,7 +47,7 @@ from raug.methods.teacher_head import (
     prepare_teacher_head,
     rotation_accuracy,
 )
-from raug.train.distributed import gather_embeddings, gather_fields
+from raug.train.distributed import gather_embeddings, gather_fields, own_rows
 from raug.train.method import Method, Phase
 from raug.train.task import Task
 
@@ -112,12 +112,14 @@ class SSDKDTask(Task):
             out_s = {**out_s, "feats_7x7": self.trained["adapter"](out_s["feats_7x7"])}
         normal_logits, _ = split_views(out_s["logits"])
         # _gather_embeddings=True under torchrun: every term but the per-sample channel
-        # relation over the global batch (whole images: 4 view rows each; docs/distributed.md)
+        # relation over the global batch (whole images: 4 view rows each; RKD of this
+        # rank's anchor rows only; docs/distributed.md)
         keys = ("logits", "avg_pool")
+        anchors = own_rows(views.shape[0])
         out_s, out_t = gather_fields(out_s, keys), gather_fields(out_t, keys)
         proj_s, proj_t = gather_embeddings(proj_s), gather_embeddings(proj_t)
         parts = ssd_kd_loss(out_s, out_t, proj_s, proj_t, gather_embeddings(batch["label"]),
-                            self.class_weight, self.weights)
+                            self.class_weight, self.weights, anchors=anchors)
         return {**parts, "logits": normal_logits}
 
     def eval_step(self, batch: dict) -> dict:

@@ -16,8 +16,9 @@ What the rest of the toolkit relies on (``docs/distributed.md``):
   from the very start.
 * :func:`wrap_task`: one ``DistributedDataParallel`` around a whole task (an
   ``nn.Module`` whose ``forward`` is its training step).
-* :func:`gather_embeddings`: the hook the KD tasks call for their relational
-  terms (identity unless ``_gather_embeddings=True`` in a distributed run).
+* :func:`gather_embeddings`, :func:`own_rows`: the hooks the KD tasks call for
+  their relational terms (identity / all rows unless ``_gather_embeddings=True``
+  in a distributed run).
 * :func:`all_gather_rows`: all-gather along rows with the gradient for one's own
   rows; :func:`all_gather_object`, :func:`broadcast_object`,
   :func:`failed_ranks`, :func:`barrier`, :func:`broadcast_states` for
@@ -325,7 +326,7 @@ class _AllGatherRows(torch.autograd.Function):
         return grad[start : start + ctx.sizes[ctx.rank]], None
 
 
-def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_rows(tensor: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
     """All ranks' ``tensor`` concatenated along dim 0 in rank order, with a gradient.
 
     Shards may hold different numbers of rows. Gradient: the rows of this rank
@@ -338,14 +339,24 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
     Every rank must call it at the same point (it is a collective). Without a
     process group it returns ``tensor`` unchanged.
+
+    Args:
+        tensor: this rank's rows.
+        sizes: every rank's row count when the caller knows them (equal shards in
+            training, :func:`gather_embeddings`); ``None`` exchanges them first, one
+            extra collective and one host sync.
     """
     if not is_initialized():
         return tensor
-    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=_collective_device())
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    sizes = tuple(int(c.item()) for c in counts)
-    return _AllGatherRows.apply(tensor, sizes)
+    if sizes is None:
+        count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=_collective_device())
+        counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, count)
+        sizes = torch.cat(counts).tolist()
+    if len(sizes) != dist.get_world_size() or sizes[dist.get_rank()] != tensor.shape[0]:
+        raise DistributedError(f"all_gather_rows: sizes {list(sizes)} do not fit rank "
+                               f"{dist.get_rank()}'s {tensor.shape[0]} rows")
+    return _AllGatherRows.apply(tensor, tuple(sizes))
 
 
 def set_gather_embeddings(enabled: bool) -> None:
@@ -375,8 +386,31 @@ def gather_embeddings(tensor: torch.Tensor) -> torch.Tensor:
     returns :func:`all_gather_rows` of ``tensor`` (student rows keep their
     gradient; teacher rows are constants anyway); otherwise ``tensor`` itself,
     so the relational terms see the per-process batch of ``_batch_size``.
+
+    Training shards are equal on every rank (``raug.data.loaders.EpochSampler``
+    pads the epoch to a multiple of the world size and every rank batches its
+    equal share alike), so the row counts are not exchanged: no host sync.
     """
-    return all_gather_rows(tensor) if gather_enabled() else tensor
+    if not gather_enabled():
+        return tensor
+    return all_gather_rows(tensor, (tensor.shape[0],) * dist.get_world_size())
+
+
+def own_rows(n_local: int) -> slice | None:
+    """This rank's rows in a tensor :func:`gather_embeddings` gathered from ``n_local`` rows each.
+
+    The relational KD terms average over these anchors only (``anchors`` of
+    :func:`kd_losses.rkd.rkd_angle`): rank r computes the distance and angle rows of
+    its own samples against the whole global batch, O(N_local x N_global x D) memory,
+    instead of every rank computing all N_global anchors. The mean over ranks of the
+    per-rank values is the global loss (equal shards), and since a rank's rows get
+    every rank's gradient (:func:`all_gather_rows`) and DDP averages, the parameters
+    get exactly the single-process gradient. ``None`` (all rows) when not gathering.
+    """
+    if not gather_enabled():
+        return None
+    start = get_rank() * n_local
+    return slice(start, start + n_local)
 
 
 def gather_fields(out: Mapping[str, torch.Tensor], keys: Sequence[str]) -> dict[str, torch.Tensor]:
