@@ -7,13 +7,17 @@
 * :func:`ensure_imagenet_weights`: torchvision's ImageNet weights in the hub cache,
   downloaded when missing
 * :class:`ConvReg`, :func:`build_adapter`, :class:`ProjectionHead`
+* metadata fusion (:mod:`models.fusion`): :class:`FusionSpec` (the seed's
+  ``_comb_method``, ``_comb_config``, ``_neurons_reducer_block``), :class:`MetaBlock`,
+  :class:`MetaNet`
 """
 
 from .adapters import ConvReg, build_adapter
 from .factory import create_model
+from .fusion import COMB_METHODS, FusionConfigError, FusionSpec, MetaBlock, MetaNet
 from .heads import ProjectionHead
 from .names import MOBILENET, RESNET50, canonical_name, list_models
-from .networks import KDNet, MobileNetV2KD, ResNet50KD
+from .networks import NUM_FEATURES, KDNet, MobileNetV2KD, ResNet50KD
 from .weights import (
     IMAGENET_WEIGHTS,
     PretrainedWeightsNotFound,
@@ -28,6 +32,12 @@ from .weights import (
 )
 
 __all__ = [
+    "COMB_METHODS",
+    "NUM_FEATURES",
+    "FusionConfigError",
+    "FusionSpec",
+    "MetaBlock",
+    "MetaNet",
     "IMAGENET_WEIGHTS",
     "MOBILENET",
     "RESNET50",

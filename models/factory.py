@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from .fusion import FusionSpec
 from .names import canonical_name
 from .networks import ARCHITECTURES, KDNet
 from .weights import load_imagenet_weights, load_weights_file
@@ -15,6 +16,7 @@ def create_model(
     num_classes: int,
     pretrained: bool = False,
     weights: str | os.PathLike | Mapping | None = None,
+    fusion: FusionSpec | None = None,
 ) -> KDNet:
     """Build ``"resnet-50"`` or ``"mobilenet"`` (aliases: ``resnet50``, ``mobilenet_v2``,
     ``mobilenetv2``) with a ``num_classes`` classifier.
@@ -29,6 +31,8 @@ def create_model(
             checkpoint, bare or torchvision state dict. Takes precedence over
             ``pretrained``. A torchvision state dict with another class count (ImageNet)
             gives the backbone only; other kinds must match ``num_classes``.
+        fusion: metadata fusion (:class:`models.fusion.FusionSpec`); image only by default.
+            ImageNet weights load into the backbone; the fusion modules start fresh.
 
     Returns:
         The network (train mode, on CPU).
@@ -39,7 +43,7 @@ def create_model(
             cached and cannot be downloaded.
         models.weights.WeightsError: weights that do not fit.
     """
-    model = ARCHITECTURES[canonical_name(name)](num_classes)
+    model = ARCHITECTURES[canonical_name(name)](num_classes, fusion)
     if weights is not None:
         load_weights_file(model, weights)
     elif pretrained:

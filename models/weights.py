@@ -35,6 +35,7 @@ from torchvision.models import MobileNet_V2_Weights, ResNet50_Weights
 from raug.files.checkpoint import load_checkpoint
 
 from .names import MOBILENET, RESNET50, canonical_name
+from .networks import HEAD_PREFIXES
 
 # torchvision weights used for pretrained=True: IMAGENET1K_V1 for both networks, what the
 # seed got from ``torchvision.models.*(pretrained=True)``.
@@ -301,7 +302,7 @@ def _load(
     if layout == "torchvision":
         sd = from_torchvision_layout(sd, arch)
     if skip_classifier:
-        sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+        sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
     elif "classifier.weight" in sd and sd["classifier.weight"].shape[0] != model.num_classes:
         raise WeightsError(
             f"{source} has {sd['classifier.weight'].shape[0]} classes, "
@@ -309,7 +310,7 @@ def _load(
             "backbone only)"
         )
     own = model.state_dict()
-    expected = {k for k in own if not (skip_classifier and k.startswith("classifier."))}
+    expected = {k for k in own if not (skip_classifier and k.startswith(HEAD_PREFIXES))}
     missing, unexpected = expected - set(sd), set(sd) - set(own)
     if strict and (missing or unexpected):
         raise WeightsError(
@@ -341,8 +342,8 @@ def load_weights(
         model: a network from :func:`models.create_model`.
         path_or_dict: checkpoint file, or an already loaded checkpoint / state dict.
         strict: require exactly the model's keys (shapes must always match).
-        skip_classifier: load the backbone only and keep the model's classifier
-            (for ImageNet weights with another class count).
+        skip_classifier: load the backbone only and keep the model's head (classifier
+            and, with metadata fusion, ``comb``/``reducer_block``; for ImageNet weights).
 
     Returns:
         ``model``.

@@ -163,7 +163,7 @@ def teacher_head_phase(ctx) -> TeacherWithHead:
     )
     head = prepare_teacher_head(
         teacher.model,
-        models.ProjectionHead(teacher.model.num_features),
+        models.ProjectionHead(teacher.model.embedding_features),
         head_path=teacher_head_path(cfg, ctx.outputs.folder),
         teacher_info={
             **file_fingerprint(teacher.path),
@@ -201,7 +201,7 @@ def ssdkd_task(ctx) -> SSDKDTask:
         adapter = models.build_adapter(student, prepared.teacher, cfg["_img_size"])
     return SSDKDTask(
         student,
-        models.ProjectionHead(student.num_features),
+        models.ProjectionHead(student.embedding_features),
         prepared.teacher,
         prepared.head,
         adapter,
