@@ -1,4 +1,5 @@
-"""Engine config checks of issue #20: unknown keys, the seed's range, classes missing from a fold.
+"""Engine config checks of issue #20: unknown keys, the seed's range, classes missing from a fold;
+of issue #18: every problem in one error, quick runs' own folders.
 
 Pure functions and :func:`raug.run.config.validate_config` on tiny prepared data; the
 scripts' command lines are tried in ``test_isic_script.py`` and ``test_kd_scripts.py``.
@@ -12,16 +13,19 @@ from sacred.config import ConfigDict, ConfigScope
 
 from raug.data.loaders import TRAIN_CSV, fold_class_gaps
 from raug.errors import ConfigError
+from raug.files.paths import RESULTS_DIR
 from raug.run.config import (
+    QUICK_CONFIG,
     SEED_MAX,
     SHARED_CONFIG,
     closest_keys,
+    quick_results_path,
     resume_mismatches,
     shared_checks,
     unknown_key_problems,
     validate_config,
 )
-from raug.run.experiment import declared_keys
+from raug.run.experiment import declared_keys, quick_path_updates
 from raug.testing import write_prepared_dataset
 
 KNOWN = frozenset(SHARED_CONFIG) | {"_model_name"}
@@ -160,3 +164,59 @@ def test_complete_folds_neither_refuse_nor_warn(data_config):
 def test_runs_started_before_allow_split_mismatch_existed_still_resume():
     saved = {**SHARED_CONFIG, "_teacher_ckpt": "t.pth"}
     assert resume_mismatches(saved, {**saved, "_allow_split_mismatch": False}) == []
+
+
+def test_runs_started_before_quick_existed_still_resume():
+    saved = dict(SHARED_CONFIG)
+    del saved["_quick"]
+    assert resume_mismatches(saved, SHARED_CONFIG) == []
+
+
+# ----------------------------------------------------------------------------- issue #18: one error, quick folders
+
+
+def test_validation_lists_key_data_and_file_problems_in_one_error(tmp_path):
+    config = {**SHARED_CONFIG, "_base_path": str(tmp_path / "none"),
+              "_save_folder": str(tmp_path / "out"), "_img_size": 100}
+    seen = []
+
+    def teacher_file(cfg, warn):
+        seen.append(cfg["_img_size"])
+        return ["_teacher_ckpt='t.pth' does not exist"]
+
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config, file_checks=[teacher_file], notes=lambda cfg: ["weights to fetch"])
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "invalid configuration:"
+    assert lines[1].startswith("  _img_size=100 is invalid")
+    assert lines[2] == (f"  _base_path={str(tmp_path / 'none')!r}: {tmp_path / 'none' / TRAIN_CSV} "
+                        "not found (prepare the data with run_preprocess.sh or pass "
+                        "_base_path=<prepared folder>)")
+    assert lines[4:] == ["  _teacher_ckpt='t.pth' does not exist", "  weights to fetch"]
+    assert seen == [100]  # the file check ran although the keys had a problem
+
+
+def test_file_checks_and_notes_stay_silent_without_files_or_problems(data_config):
+    never = []
+    validate_config(data_config, check_files=False, file_checks=[lambda cfg, warn: never.append(1)])
+    assert never == []  # inspection commands: no file check at all
+    with pytest.raises(ConfigError) as caught:
+        validate_config({**data_config, "_epochs": 0}, check_files=False,
+                        notes=lambda cfg: ["weights to fetch"])
+    assert "weights to fetch" not in str(caught.value)
+    validate_config(data_config, file_checks=[lambda cfg, warn: []], notes=lambda cfg: ["unused"])
+
+
+def test_quick_runs_keep_their_default_paths_under_results_quick(tmp_path):
+    assert QUICK_CONFIG["_quick"] is True
+    assert SHARED_CONFIG["_quick"] is False
+    teacher = RESULTS_DIR / "isic_teacher_fold2" / "best-checkpoint" / "best-checkpoint.pth"
+    assert quick_results_path(teacher) == (
+        RESULTS_DIR / "quick" / "isic_teacher_fold2" / "best-checkpoint" / "best-checkpoint.pth")
+    assert quick_results_path(RESULTS_DIR / "quick" / "x") == RESULTS_DIR / "quick" / "x"
+    assert quick_results_path(tmp_path / "results" / "x") == tmp_path / "results" / "x"
+    config = {"_quick": True, "_save_folder": str(RESULTS_DIR / "a_fold2"), "_base_path": "/d",
+              "_teacher_head": None}
+    keys = ["_save_folder", "_base_path", "_teacher_head"]
+    assert quick_path_updates(config, keys) == {"_save_folder": str(RESULTS_DIR / "quick" / "a_fold2")}
+    assert quick_path_updates({**config, "_quick": False}, keys) == {}

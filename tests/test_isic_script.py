@@ -17,6 +17,7 @@ import models
 from raug.data.loaders import CLASS_NAMES, TEST_CSV, TRAIN_CSV
 from raug.data.transforms import IMAGENET_MEAN
 from raug.files.checkpoint import is_project_checkpoint, load_checkpoint
+from raug.methods.teacher import inspect_teacher
 from raug.report.plots import plot_confusion, plot_history, plot_roc
 from raug.report.runs import load_runs
 from raug.train.metrics import balanced_accuracy, confusion_matrix, normalize_confusion
@@ -96,6 +97,15 @@ def test_checkpoints_are_self_describing_and_load_with_weights_only(teacher_run)
     assert best["epoch"] == metrics["best_epoch"]
     model = models.create_model("resnet-50", 8)
     model.load_state_dict(best["model_state_dict"])
+
+
+def test_a_quick_run_says_so_in_its_checkpoints_and_config(teacher_run):
+    # the KD scripts refuse a quick teacher as their default (issue #18)
+    out = teacher_run["out"]
+    for rel in ("best-checkpoint/best-checkpoint.pth", "last-checkpoint/last-checkpoint.pth"):
+        assert load_checkpoint(out / rel)["config"]["_quick"] is True
+    assert json.loads((out / "1" / "config.json").read_text())["_quick"] is True
+    assert inspect_teacher(out / "best-checkpoint" / "best-checkpoint.pth").quick is True
 
 
 def test_predictions_csv_matches_reported_metrics(teacher_run):

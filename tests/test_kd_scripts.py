@@ -18,6 +18,7 @@ from raug.data.loaders import CLASS_NAMES
 from raug.errors import ConfigError
 from raug.files.checkpoint import is_project_checkpoint, load_checkpoint, save_checkpoint
 from raug.isic2019 import split_hash
+from raug.methods import kd_config
 from raug.methods.kd_config import (
     DKD_CONFIG,
     KD_SHARED_CONFIG,
@@ -347,7 +348,7 @@ def test_cli_error_is_one_line_per_problem_and_leaves_no_folder(runs, tmp_path):
 OTHER_HASH = "f" * 64
 
 
-def tiny_teacher(path, *, outputs=8, recorded_hash=None, seed_format=False):
+def tiny_teacher(path, *, outputs=8, recorded_hash=None, seed_format=False, quick=None):
     """A ResNet-50 teacher file as the checks see it: its description and classifier, no backbone."""
     state = {"features.4.0.conv1.weight": torch.zeros(1),  # the key that marks the ResNet-50 layout
              "classifier.weight": torch.zeros(outputs, 2048), "classifier.bias": torch.zeros(outputs)}
@@ -355,6 +356,8 @@ def tiny_teacher(path, *, outputs=8, recorded_hash=None, seed_format=False):
         torch.save({"epoch": 1, "model_state_dict": state}, path)
         return str(path)
     config = {"_folder": 2} if recorded_hash is None else {"_folder": 2, "_split_hash": recorded_hash}
+    if quick is not None:
+        config["_quick"] = quick
     return str(save_checkpoint(path, {
         "model_name": "resnet-50", "num_classes": 8, "class_names": list(CLASS_NAMES), "img_size": 32,
         "config": config, "model_state_dict": state}))
@@ -371,6 +374,7 @@ def tiny_teachers(prepared_isic, tmp_path_factory):
         "other": tiny_teacher(folder / "other.pth", recorded_hash=OTHER_HASH),
         "five": tiny_teacher(folder / "five.pth", outputs=5, recorded_hash=data_hash),
         "seed": tiny_teacher(folder / "seed.pth", seed_format=True),
+        "quick": tiny_teacher(folder / "quick.pth", recorded_hash=data_hash, quick=True),
     }
 
 
@@ -474,3 +478,84 @@ def test_every_declared_key_is_accepted(script, method):
     run = ex.run("print_config", config_updates={"_teacher_ckpt": "t.pth", "_save_folder": "s",
                                                  "seed": 7, "_allow_split_mismatch": True})
     assert run.config["_allow_split_mismatch"] is True
+
+
+# ----------------------------------------------------------------------------- issue #18: smoke runs apart, one error
+
+
+def test_quick_runs_default_to_their_own_folders_and_teacher():
+    quick = REPO / "results" / "quick"
+    teacher = load_script("isic").run("print_config", named_configs=["quick"])
+    assert teacher.config["_quick"] is True
+    assert teacher.config["_save_folder"] == str(quick / "isic_teacher_fold2")
+    kd = load_script("isic_d_kd").run("print_config", named_configs=["quick"], config_updates={"_folder": 3})
+    assert kd.config["_save_folder"] == str(quick / "student_d_kd_fold3")
+    assert kd.config["_teacher_ckpt"] == str(quick / "isic_teacher_fold3" / "best-checkpoint" / "best-checkpoint.pth")
+    # values the user gives are kept as given
+    given = load_script("isic_ssd_kd").run("print_config", named_configs=["quick"], config_updates={
+        "_save_folder": "results/mine", "_teacher_ckpt": "results/t.pth"})
+    assert given.config["_save_folder"] == str(REPO / "results" / "mine")
+    assert given.config["_teacher_ckpt"] == str(REPO / "results" / "t.pth")
+    real = load_script("isic_d_kd").run("print_config")
+    assert (real.config["_quick"], real.config["_save_folder"]) == (False, str(REPO / "results" / "student_d_kd_fold2"))
+
+
+def test_default_teacher_from_a_quick_run_or_another_size_is_refused_unless_named(tiny_teachers):
+    quick = tiny_teachers["quick"]
+    real_run = on_data(tiny_teachers, "quick", _img_size=32)
+    assert inspect_teacher(quick).quick is True
+    assert teacher_checks(real_run, named=False) == [
+        f"_teacher_ckpt={quick!r} (the default teacher) was trained by a quick smoke run: train the "
+        f"teacher (python experiment/isic/isic.py with _folder=2) or name it with _teacher_ckpt={quick} "
+        "to use it anyway"]
+    assert teacher_checks(real_run, named=True) == []
+    assert teacher_checks({**real_run, "_quick": True}, named=False) == []  # a quick run's own teacher
+    same = tiny_teachers["same"]
+    assert inspect_teacher(same).quick is None  # recorded before _quick existed: not a quick run
+    assert teacher_checks(on_data(tiny_teachers, "same", _img_size=224), named=False) == [
+        f"_teacher_ckpt={same!r} (the default teacher) was trained at 32 px but this run uses "
+        f"_img_size=224: set _img_size=32, train a teacher at 224 px, or name it with "
+        f"_teacher_ckpt={same} to use it anyway"]
+    assert teacher_checks(on_data(tiny_teachers, "same", _img_size=224), named=True) == []
+
+
+def test_the_default_teacher_lookup_refuses_a_quick_teacher_before_any_run_folder(tiny_teachers, monkeypatch):
+    monkeypatch.setattr(kd_config, "default_teacher_ckpt", lambda folder: tiny_teachers["quick"])
+    out = tiny_teachers["root"] / "never_default_quick"
+    updates = {"_base_path": tiny_teachers["base"], "_save_folder": str(out), "_img_size": 32,
+               "_pretrained": False, "_device": "cpu", "_epochs": 0}  # _epochs=0: stop at the checks
+    with pytest.raises(ConfigError) as by_default:
+        load_script("isic_d_kd").run(config_updates=updates)
+    assert "(the default teacher) was trained by a quick smoke run" in str(by_default.value)
+    assert "_epochs=0 is invalid" in str(by_default.value)
+    with pytest.raises(ConfigError) as named:
+        load_script("isic_d_kd").run(config_updates={**updates, "_teacher_ckpt": tiny_teachers["quick"]})
+    assert "_epochs=0 is invalid" in str(named.value)
+    assert "smoke run" not in str(named.value)
+    assert not out.exists()
+
+
+def test_bad_data_path_missing_teacher_and_missing_weights_are_reported_in_one_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    out, data, teacher = tmp_path / "never", tmp_path / "no_data", tmp_path / "no_teacher.pth"
+    with pytest.raises(ConfigError) as caught:
+        load_script("isic_ssd_kd").run(config_updates={
+            "_base_path": str(data), "_teacher_ckpt": str(teacher), "_save_folder": str(out),
+            "_device": "cpu", "_lr": 0.1})
+    weights = tmp_path / "empty_hub" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    assert str(caught.value).splitlines() == [
+        "invalid configuration:",
+        "  _lr=0.1 is not a config key of this script; did you mean _lr_init?",
+        f"  _base_path={str(data)!r}: {data / 'train' / 'ISIC2019_parsed_train.csv'} not found (prepare "
+        "the data with run_preprocess.sh or pass _base_path=<prepared folder>)",
+        f"  _base_path={str(data)!r}: {data / 'test' / 'ISIC2019_parsed_test.csv'} not found (prepare "
+        "the data with run_preprocess.sh or pass _base_path=<prepared folder>)",
+        f"  _teacher_ckpt={str(teacher)!r} does not exist: train the teacher first (python "
+        "experiment/isic/isic.py with _folder=<fold>) or pass _teacher_ckpt=<teacher checkpoint>",
+        f"  _pretrained=True: the ImageNet weights of _model_name_student='mobilenet' are not in the "
+        f"torch hub cache ({weights}); a valid run downloads them from "
+        "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth (offline: copy the file "
+        "there or set _pretrained=False)",
+    ]
+    assert not out.exists()
+    assert not weights.exists()

@@ -6,14 +6,14 @@ Run from any directory (paths resolve against the repository root)::
     python experiment/isic/isic.py with quick _base_path=DIR _device=cpu   # CPU smoke run
     python experiment/isic/isic.py with _resume=True     # continue an interrupted run
 
-Outputs go to ``_save_folder`` (default ``results/isic_teacher_fold<_folder>``);
-its ``best-checkpoint/best-checkpoint.pth`` is the teacher the KD scripts load.
+Outputs go to ``_save_folder`` (default ``results/isic_teacher_fold<_folder>``, for a
+``quick`` run ``results/quick/isic_teacher_fold<_folder>``); its
+``best-checkpoint/best-checkpoint.pth`` is the teacher the KD scripts load by default.
 Config keys and the output layout: ``docs/engine.md``.
 """
 
 import models
 from raug.run.experiment import make_experiment
-from raug.run.pretrained import add_imagenet_weights_hook
 from raug.train.method import Method, RunContext
 from raug.train.task import ClassificationTask
 
@@ -40,9 +40,9 @@ def teacher_task(ctx: RunContext) -> ClassificationTask:
 
 TEACHER = Method("teacher", teacher_task, checks=(check_model,))
 
-ex = make_experiment("isic", {"_model_name": "resnet-50"}, method=TEACHER, save_name="isic_teacher")
-# _pretrained=True: download missing ImageNet weights before the run folder exists.
-add_imagenet_weights_hook(ex, "_model_name")
+# _pretrained=True: missing ImageNet weights are downloaded before the run folder exists.
+ex = make_experiment("isic", {"_model_name": "resnet-50"}, method=TEACHER, save_name="isic_teacher",
+                     weights_key="_model_name")
 
 
 @ex.automain

@@ -7,8 +7,10 @@ Run from any directory (paths resolve against the repository root)::
     python experiment/isic/isic_d_kd.py with quick _base_path=DIR      # CPU smoke run
 
 The teacher is ``_teacher_ckpt`` (default: the best checkpoint of isic.py's
-default run for ``_folder``). Outputs go to ``_save_folder`` (default
-``results/student_<_kd_method>_fold<_folder>``), laid out like isic.py's.
+default run for ``_folder``, refused if that run was a ``quick`` one or used another
+``_img_size``). Outputs go to ``_save_folder`` (default
+``results/student_<_kd_method>_fold<_folder>``; ``quick`` runs: under ``results/quick/``),
+laid out like isic.py's.
 Config keys and the ``_kd_method`` table: ``docs/methods.md``.
 """
 

@@ -9,7 +9,8 @@ Phase 1 fits the teacher's projection head on the rotation task and saves it
 (``<_save_folder>/teacher-head/teacher-head.pth`` or ``_teacher_head``); a rerun
 with the same teacher reuses it. Phase 2 trains the student, its projection
 head and the adapter with the SSD-KD loss. Outputs go to ``_save_folder``
-(default ``results/student_ssd_kd_fold<_folder>``), laid out like isic.py's.
+(default ``results/student_ssd_kd_fold<_folder>``; ``quick`` runs: under ``results/quick/``),
+laid out like isic.py's.
 Config keys and view semantics: ``docs/methods.md``.
 """
 

@@ -25,6 +25,7 @@ from raug.data.loaders import CLASS_NAMES
 from raug.files.paths import RESULTS_DIR, resolve_repo_path
 from raug.isic2019 import DataError, split_hash
 from raug.methods.teacher import (
+    TeacherSummary,
     default_teacher_ckpt,
     inspect_teacher,
     split_findings,
@@ -83,6 +84,7 @@ def kd_paths(_folder, _kd_method):
 
     ``_teacher_ckpt``: the best checkpoint of isic.py's default run for ``_folder``;
     ``_save_folder``: ``results/student_<_kd_method>_fold<_folder>`` (one per method).
+    A ``quick`` run's are moved under ``results/quick/`` (the engine's config hook).
     """
     _teacher_ckpt, _save_folder = (
         default_teacher_ckpt(_folder),
@@ -125,22 +127,62 @@ def kd_shared_checks(config: Mapping[str, Any]) -> Problems:
     return problems
 
 
-def teacher_checks(config: Mapping[str, Any], warn: Warn | None = None) -> Problems:
+def teacher_checks(
+    config: Mapping[str, Any], warn: Warn | None = None, *, named: bool = True
+) -> Problems:
     """Problems with the ``_teacher_ckpt`` file (none needed for ``_kd_method="none"``).
 
     The file itself (:func:`raug.methods.teacher.teacher_file_problems`), then the data
-    it was trained on (:func:`teacher_split_problems`).
+    it was trained on (:func:`teacher_split_problems`), then, for the default teacher, how
+    it was trained (:func:`default_teacher_problems`). Runs alongside the key checks, so
+    keys they refuse (``_teacher_ckpt``, ``_model_name_teacher``) leave the file unjudged.
 
     Args:
-        config: the run's config (keys valid).
+        config: the run's config.
         warn: receives one line per warning that does not stop the run; ``None``: dropped.
+        named: whether the user named ``_teacher_ckpt``; ``False``: the default teacher.
     """
-    if config.get("_kd_method") == "none":
+    path = config.get("_teacher_ckpt")
+    if (config.get("_kd_method") == "none" or not (isinstance(path, str) and path)
+            or _model_problem(config, "_model_name_teacher")):
         return []
-    problems = teacher_file_problems(
-        config["_teacher_ckpt"], config["_model_name_teacher"], CLASS_NAMES
-    )
-    return problems or teacher_split_problems(config, warn)
+    problems = teacher_file_problems(path, config["_model_name_teacher"], CLASS_NAMES)
+    if problems:
+        return problems
+    problems = teacher_split_problems(config, warn)
+    if not named:
+        resolved = str(resolve_repo_path(path))
+        problems += default_teacher_problems(config, resolved, inspect_teacher(resolved))
+    return problems
+
+
+def default_teacher_problems(
+    config: Mapping[str, Any], path: str, summary: TeacherSummary
+) -> Problems:
+    """The default teacher must come from a real run at this run's ``_img_size`` (pure).
+
+    The default path holds whatever isic.py's default run for the fold wrote: a smoke run
+    (``quick``) or a run at another input size there is not the teacher a user means, and
+    it used to be taken silently (a size mismatch only warned). A quick KD run accepts a
+    quick teacher (its default is the quick teacher's folder). Naming the file with
+    ``_teacher_ckpt`` accepts it as it is.
+    """
+    anyway = f"or name it with _teacher_ckpt={path} to use it anyway"
+    problems = []
+    if summary.quick is True and config.get("_quick") is not True:
+        problems.append(
+            f"_teacher_ckpt={path!r} (the default teacher) was trained by a quick smoke run: "
+            f"train the teacher (python experiment/isic/isic.py with _folder={config.get('_folder')}) "
+            f"{anyway}"
+        )
+    size = config.get("_img_size")
+    if summary.img_size is not None and summary.img_size != size:
+        problems.append(
+            f"_teacher_ckpt={path!r} (the default teacher) was trained at {summary.img_size} px "
+            f"but this run uses _img_size={size!r}: set _img_size={summary.img_size}, train a "
+            f"teacher at {size} px, {anyway}"
+        )
+    return problems
 
 
 def teacher_split_problems(config: Mapping[str, Any], warn: Warn | None = None) -> Problems:
@@ -148,9 +190,11 @@ def teacher_split_problems(config: Mapping[str, Any], warn: Warn | None = None) 
 
     Compares the teacher's recorded ``split_hash`` with the hash of the prepared CSVs
     (:func:`raug.methods.teacher.split_findings`: the rules, the override
-    ``_allow_split_mismatch``). Data without CSVs: nothing to compare (the data checks
-    report them).
+    ``_allow_split_mismatch``). Data without CSVs or an invalid ``_base_path``: nothing to
+    compare (the data and key checks report them).
     """
+    if not isinstance(config.get("_base_path"), str):
+        return []
     try:
         data_hash = split_hash(resolve_repo_path(config["_base_path"]))
     except DataError:

@@ -32,6 +32,7 @@ from raug.errors import ConfigError
 from raug.files.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
 from raug.files.paths import default_save_folder, resolve_repo_path
 from raug.train.engine import BEST_CHECKPOINT
+from raug.train.task import meta_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class TeacherSummary:
             not recorded, e.g. the seed's checkpoints).
         head_outputs: outputs of the classifier weights actually stored (``None``: no
             classifier found); may disagree with a damaged file's ``num_classes``.
+        quick: whether a ``quick`` smoke run trained it (its config's ``_quick``; ``None``:
+            not recorded, e.g. runs before the key existed).
     """
 
     kind: str
@@ -70,6 +73,7 @@ class TeacherSummary:
     img_size: int | None
     split_hash: str | None = None
     head_outputs: int | None = None
+    quick: bool | None = None
 
 
 # classifier weights: project/seed layout, torchvision ResNet-50, torchvision MobileNet-V2
@@ -113,7 +117,8 @@ def summarize_checkpoint(ckpt: Mapping[str, Any]) -> TeacherSummary:
         num_classes = head_outputs
     names = meta.get("class_names")
     config = meta.get("config")
-    folder = config.get("_folder") if isinstance(config, Mapping) else None
+    config = config if isinstance(config, Mapping) else {}
+    folder = config.get("_folder")
     img_size = meta.get("img_size")
     return TeacherSummary(
         kind=kind,
@@ -124,6 +129,7 @@ def summarize_checkpoint(ckpt: Mapping[str, Any]) -> TeacherSummary:
         img_size=None if img_size is None else int(img_size),
         split_hash=recorded_split_hash(meta),
         head_outputs=head_outputs,
+        quick=config.get("_quick"),
     )
 
 
@@ -255,8 +261,13 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def frozen_forward(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def frozen_forward(
+    module: nn.Module, x: torch.Tensor, meta: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """``module.forward_kd(x)`` under ``torch.inference_mode()``, as ordinary constant tensors.
+
+    ``meta`` reaches the module only when it fuses metadata
+    (:func:`raug.train.task.meta_kwargs`).
 
     Inference tensors cannot be saved for backward, and the losses save the
     teacher's outputs (e.g. ``F_t`` in the channel-relation product). A clone
@@ -264,7 +275,7 @@ def frozen_forward(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor
     a constant target that costs one copy of the outputs.
     """
     with torch.inference_mode():
-        out = module.forward_kd(x)
+        out = module.forward_kd(x, **meta_kwargs(module, meta))
     return {name: value.clone() for name, value in out.items()}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,16 @@ from raug.files import runlock
 from raug.files.paths import (
     COMPLETED_MARKER,
     REPO_ROOT,
+    RESULTS_DIR,
 )
 from raug.train.device import AMP_CHOICES, amp_problem, check_device
 from raug.train.distributed import get_rank
 from raug.train.engine import VAL_METRICS
 from raug.train.method import Check, Warn
+
+# A check of the run's environment (files, caches), main command only: ``fn(config, warn)``.
+FileCheck = Callable[[Mapping[str, Any], Warn | None], list[str]]
+QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 
 SHARED_CONFIG: dict[str, Any] = {
     "_folder": 2,  # validation fold (1..5); training uses the other folds
@@ -60,6 +65,9 @@ SHARED_CONFIG: dict[str, Any] = {
     "_sync_bn": False,  # torchrun on CUDA: SyncBatchNorm (BN statistics over the global batch)
     "_gather_embeddings": False,  # torchrun: relational KD terms over the global batch
     "_save_folder": None,  # None: results/<script default>_fold<_folder>
+    # True (set by the named config quick): a smoke run; its default paths under results/
+    # move to results/quick/ and a KD run does not take it as its default teacher
+    "_quick": False,
     "seed": 2021,
 }
 
@@ -71,15 +79,16 @@ QUICK_CONFIG: dict[str, Any] = {
     "_num_workers": 0,
     "_sched_patience": 1,
     "_early_stop": 2,
+    "_quick": True,
 }
 
 # Keys that may change when a run is resumed (everything else must match).
-# _allow_split_mismatch (KD scripts) changes no computation, and runs started before it
-# existed have no value for it in their checkpoints: they must still resume.
+# _allow_split_mismatch (KD scripts) and _quick change no computation, and runs started
+# before they existed have no value for them in their checkpoints: they must still resume.
 RESUMABLE_CHANGES = frozenset(
     {"_epochs", "_early_stop", "_device", "_num_workers", "_amp", "_channels_last",
      "_compile", "_resume", "_base_path", "_save_folder", "_sync_bn", "_allow_split_mismatch",
-     "_sync_every", "_cudnn_benchmark", "_tf32"}
+     "_sync_every", "_cudnn_benchmark", "_tf32", "_quick"}
 )
 
 # Sacred seeds numpy's legacy RandomState with the run seed, which accepts [0, 2**32 - 1] only.
@@ -89,6 +98,20 @@ SEED_MAX = 2**32 - 1
 # suggesting the key meant by an unknown one (``_lerning_rate`` -> ``_lr_init``).
 KEY_ALIASES: dict[str, str] = {"lr": "_lr_init", "learning_rate": "_lr_init", "fold": "_folder"}
 
+
+
+def quick_results_path(path: str | os.PathLike) -> Path:
+    """Where a ``quick`` run keeps what a real run keeps at ``path``: results/X -> results/quick/X.
+
+    Smoke runs must not take the real runs' default folders: a quick teacher in
+    ``results/isic_teacher_fold2`` was picked up as the KD scripts' default teacher and made
+    the real teacher run into that folder refuse. Paths outside ``results/`` (or already under
+    ``results/quick/``) are returned unchanged.
+    """
+    path = Path(path)
+    if not path.is_relative_to(RESULTS_DIR) or path.is_relative_to(QUICK_RESULTS_DIR):
+        return path
+    return QUICK_RESULTS_DIR / path.relative_to(RESULTS_DIR)
 
 
 def _is_int(value: Any) -> bool:
@@ -141,7 +164,7 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     need(config["_best_metric"] in VAL_METRICS, "_best_metric", f"allowed: {list(VAL_METRICS)}")
     need(config["_amp"] in AMP_CHOICES, "_amp", "allowed: 'auto', None, 'off', 'bf16', 'fp16'")
     for key in ("_use_wce", "_pretrained", "_use_meta_data", "_channels_last", "_compile", "_resume",
-                "_sync_bn", "_gather_embeddings", "_cudnn_benchmark", "_tf32"):
+                "_sync_bn", "_gather_embeddings", "_cudnn_benchmark", "_tf32", "_quick"):
         need(isinstance(config[key], bool), key, "expected True or False")
     if config["_use_meta_data"] is True:
         problems.append(
@@ -216,16 +239,26 @@ def validate_config(
     *,
     known_keys: Collection[str] | None = None,
     warn: Warn | None = None,
+    file_checks: Iterable[FileCheck] = (),
+    notes: Callable[[Mapping[str, Any]], list[str]] | None = None,
 ) -> None:
     """Raise :class:`ConfigError` listing every problem, one line each.
+
+    All stages run, so one error names every problem (keys, data, a script's files such
+    as the teacher) instead of revealing the next one only after the first is fixed.
 
     Args:
         config: the run's config (paths already absolute).
         extra_checks: script-specific checks, each ``config -> iterable of problems``.
-        check_files: also look at the prepared data (skipped for ``print_config``).
+        check_files: also look at the prepared data and run ``file_checks`` (skipped for
+            ``print_config`` and Sacred's other inspection commands).
         known_keys: the keys the script declares (:func:`declared_keys`); any other key
             of ``config`` is refused. ``None``: not checked.
         warn: receives the data checks' warnings (see :func:`data_checks`).
+        file_checks: the script's checks of files outside the data (e.g. the teacher),
+            each ``(config, warn) -> problems``; they must cope with invalid keys.
+        notes: ``config -> lines`` added only when there are problems and ``check_files``
+            (what would go wrong next, e.g. weights still to download); ``None``: none.
     """
     problems = [] if known_keys is None else unknown_key_problems(config, known_keys)
     problems.extend(shared_checks(config))
@@ -233,6 +266,10 @@ def validate_config(
         problems.extend(check(config))
     if check_files and isinstance(config.get("_base_path"), str) and _is_int(config.get("_folder")):
         problems.extend(data_checks(config, warn))
+    for file_check in file_checks if check_files else ():
+        problems.extend(file_check(config, warn))
+    if problems and check_files and notes is not None:
+        problems.extend(notes(config))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -53,10 +53,19 @@ from sacred.observers import FileStorageObserver, RunObserver
 from sacred.serializer import flatten
 from sacred.utils import SacredError
 
+import models
 from raug import errors
 from raug.files import atomic
 from raug.files.paths import REPO_ROOT, default_save_folder, resolve_repo_path
-from raug.run.config import QUICK_CONFIG, SHARED_CONFIG, check_save_folder, validate_config
+from raug.run.config import (
+    QUICK_CONFIG,
+    SHARED_CONFIG,
+    FileCheck,
+    check_save_folder,
+    quick_results_path,
+    validate_config,
+)
+from raug.run.pretrained import add_imagenet_weights_hook, needs_imagenet_weights
 from raug.run.runner import lock_save_folder, run_training
 from raug.train.distributed import get_rank
 from raug.train.method import Check, Method
@@ -320,11 +329,15 @@ class RaugExperiment(Experiment):
         """Create the experiment; ``kwargs`` go to ``sacred.Experiment``."""
         super().__init__(name, **kwargs)
         self.path_keys = tuple(path_keys)
+        self.given_keys: frozenset[str] = frozenset()
 
     def _create_run(self, command_name=None, config_updates=None, named_configs=(), info=None,
                     meta_info=None, options=None):
         # Sacred's internal hook shared by ``run`` and ``run_commandline``.
         config_updates = resolve_path_updates(config_updates, self.path_keys)
+        # The keys the user set (command line or config_updates), for the config hooks: Sacred
+        # does not tell them apart from defaults (a default teacher is checked more strictly).
+        self.given_keys = frozenset(config_updates or ())
         if get_rank() != 0:
             options = worker_options(options)
         with sacred_errors():  # the config hooks' refusals print one line
@@ -385,6 +398,56 @@ def declared_keys(configurations: Iterable[Any], named_configs: Mapping[str, Any
     return frozenset(keys)
 
 
+def command_keys(ex: Experiment, command_name: str) -> frozenset[str]:
+    """Config keys a command takes as parameters (``save_config``'s ``config_filename``).
+
+    Sacred fills a command's parameters that have defaults from the config, so
+    ``save_config with config_filename=x.json`` puts that key in the config: it is declared
+    for that command, not refused as unknown.
+    """
+    command = ex.commands.get(command_name)
+    return frozenset(command.signature.kwargs) if command is not None else frozenset()
+
+
+def quick_path_updates(config: Mapping[str, Any], path_keys: Iterable[str]) -> dict[str, str]:
+    """For a ``quick`` run, its paths under ``results/`` moved to ``results/quick/``.
+
+    Only default paths move (``_save_folder``, a KD script's default teacher; the caller
+    leaves out the keys the user gave), so a smoke run neither writes into nor reads from
+    the real runs' default folders.
+    """
+    if config.get("_quick") is not True:
+        return {}
+    updates = {}
+    for key in path_keys:
+        value = config.get(key)
+        if isinstance(value, str) and value:
+            moved = str(quick_results_path(value))
+            if moved != value:
+                updates[key] = moved
+    return updates
+
+
+def missing_weights_notes(config: Mapping[str, Any], model_key: str) -> list[str]:
+    """One line when ``_pretrained=True`` needs ImageNet weights the hub cache lacks.
+
+    Listed with a config's other problems, so an offline user learns of the download
+    before fixing the rest; a valid run downloads them (:mod:`raug.run.pretrained`).
+    """
+    if not needs_imagenet_weights(config):
+        return []
+    try:
+        path = models.imagenet_weights_path(config.get(model_key))
+    except ValueError:  # unknown model: the key checks name it
+        return []
+    if path.is_file():
+        return []
+    return [f"_pretrained=True: the ImageNet weights of {model_key}={config[model_key]!r} are not "
+            f"in the torch hub cache ({path}); a valid run downloads them from "
+            f"{models.imagenet_weights_url(config[model_key])} (offline: copy the file there or "
+            "set _pretrained=False)"]
+
+
 def make_experiment(
     name: str,
     script_config: Mapping[str, Any],
@@ -394,6 +457,8 @@ def make_experiment(
     save_name: str | None = None,
     path_keys: Iterable[str] = (),
     extra_checks: Iterable[Check] = (),
+    file_checks: Iterable[FileCheck] = (),
+    weights_key: str | None = None,
 ) -> RaugExperiment:
     """The Sacred experiment of one script, with the shared keys defined once.
 
@@ -407,9 +472,17 @@ def make_experiment(
             (default: ``name``).
         path_keys: further config keys holding paths to resolve against the repo root.
         extra_checks: further validation, ``config -> iterable of one-line problems``.
+        file_checks: checks of files the run needs besides the data (the teacher),
+            ``(config, warn) -> problems``; main command only, listed with the others.
+        weights_key: the key naming the network that starts from ImageNet weights with
+            ``_pretrained=True``; a valid run of the main command downloads them when missing.
 
     Every command refuses keys the experiment does not declare (``_lr=-1`` names
-    ``_lr_init``), before any run folder exists; Sacred itself would let them pass.
+    ``_lr_init``), before any run folder exists; Sacred itself would let them pass. The
+    main command also checks the data, ``file_checks`` and the save folder, and reports
+    every problem of the config in one error; Sacred's inspection commands
+    (``print_config``, ``print_named_configs``, ``print_dependencies``, ``save_config``)
+    look at no file, so they work offline and before the data or the teacher exist.
 
     Returns:
         The experiment; the script adds ``@ex.automain``.
@@ -423,7 +496,11 @@ def make_experiment(
     ex.add_named_config("quick", {**QUICK_CONFIG, **dict(quick_overrides or {})})
     ex.captured_out_filter = ProgressBarFilter()
     checks = (*(method.checks if method else ()), *extra_checks)
+    file_checks = tuple(file_checks)
     default_name = save_name or name
+
+    def notes(config: Mapping[str, Any]) -> list[str]:
+        return missing_weights_notes(config, weights_key) if weights_key else []
 
     @ex.config_hook
     def resolve_and_validate(config, command_name, logger):
@@ -434,18 +511,24 @@ def make_experiment(
             value = updates.get(key, config.get(key))
             if isinstance(value, str) and value:
                 updates[key] = str(resolve_repo_path(value))
+        # Sacred would override the move of a value the user gave: leave those alone here too.
+        defaults = [key for key in path_keys if key not in ex.given_keys]
+        updates.update(quick_path_updates({**config, **updates}, defaults))
         merged = {**config, **updates}
         is_main = command_name == ex.default_command
         # Declared keys are gathered now, not at creation: scripts add config scopes
         # (kd_paths) and named configs after this function returns.
-        known = declared_keys(ex.configurations, ex.named_configs)
+        known = declared_keys(ex.configurations, ex.named_configs) | command_keys(ex, command_name)
         validate_config(merged, checks, check_files=is_main, known_keys=known,
-                        warn=logger.warning)
+                        warn=logger.warning, file_checks=file_checks, notes=notes)
         if is_main:
             # Before any observer has created a run folder in it.
             check_save_folder(merged["_save_folder"], merged["_resume"])
         return updates
 
+    if weights_key is not None:
+        # After the validation hook: a download only starts for an otherwise valid run.
+        add_imagenet_weights_hook(ex, weights_key)
     ex.observers.append(SaveFolderObserver())
     return ex
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from raug.errors import ConfigError
 from raug.methods.kd_config import KD_SHARED_CONFIG, kd_paths, teacher_checks
 from raug.run.experiment import RaugExperiment, make_experiment
-from raug.run.pretrained import add_imagenet_weights_hook
-from raug.train.method import Method
+from raug.train.method import Method, Warn
 
 
 def make_kd_experiment(
@@ -25,12 +23,13 @@ def make_kd_experiment(
 ) -> RaugExperiment:
     """The Sacred experiment of a KD script.
 
-    Validation, all before any run folder is created: the method's checks (the keys)
-    in the engine's config hook; a second hook then checks the teacher file
-    (:func:`raug.methods.kd_config.teacher_checks`) for the main command only, like the
-    engine's data checks, so ``print_config`` works before a teacher exists; a third one
-    fetches the student's ImageNet weights for ``_pretrained=True``
-    (:mod:`raug.run.pretrained`, main command only).
+    Validation, all before any run folder is created, in the engine's config hook: the
+    method's checks (the keys) and, for the main command only, like the engine's data
+    checks, the teacher file (:func:`raug.methods.kd_config.teacher_checks`), so
+    ``print_config`` works before a teacher exists; every problem is reported at once.
+    A teacher the user did not name (the default of ``_folder``) must also be a real run
+    at this ``_img_size``. A second hook fetches the student's ImageNet weights for
+    ``_pretrained=True`` (:mod:`raug.run.pretrained`, main command only).
 
     Args:
         name: experiment name.
@@ -38,25 +37,19 @@ def make_kd_experiment(
         quick_overrides: :data:`~raug.methods.kd_config.DKD_QUICK` or ``SSDKD_QUICK``.
         method: what the script trains (its ``checks`` validate the keys).
     """
+
+    def check_teacher(config: Mapping[str, Any], warn: Warn | None) -> list[str]:
+        # ex is bound below, before Sacred runs any hook.
+        return teacher_checks(config, warn, named="_teacher_ckpt" in ex.given_keys)
+
     ex = make_experiment(
         name,
         {**KD_SHARED_CONFIG, **dict(method_config)},
         quick_overrides,
         method=method,
         path_keys=("_teacher_ckpt", "_teacher_head"),
+        file_checks=(check_teacher,),
+        weights_key="_model_name_student",
     )
     ex.config(kd_paths)
-
-    @ex.config_hook
-    def check_teacher_file(config, command_name, logger):
-        # Sacred runs the hooks in order: the engine's (keys, data, save folder)
-        # has passed when this one runs, so the keys used here are valid.
-        if command_name == ex.default_command:
-            problems = teacher_checks(config, warn=logger.warning)
-            if problems:
-                raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-        return {}
-
-    # Last: a download only starts once everything else about the run is valid.
-    add_imagenet_weights_hook(ex, "_model_name_student")
     return ex

@@ -37,6 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def meta_kwargs(model: nn.Module, meta: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """``{"meta": meta}`` for a network that fuses metadata (``uses_metadata``), else ``{}``.
+
+    Every network call of the tasks goes through it (``model(x, **meta_kwargs(...))``,
+    ``forward_kd`` alike), so image-only networks, and test doubles without a ``meta``
+    argument, are called exactly as before, and a fused network always gets the
+    batch's metadata (``models.fusion``; ``docs/metadata.md``).
+    """
+    return {"meta": meta} if getattr(model, "uses_metadata", False) else {}
+
+
 class ModuleTable(nn.ModuleDict):
     """``nn.ModuleDict`` with ``dict.get``."""
 
@@ -97,7 +108,7 @@ class Task(nn.Module):
         Model selection then does not depend on the KD weights, and methods compare
         like for like.
         """
-        logits = self.model(batch["image"])
+        logits = self.model(batch["image"], **meta_kwargs(self.model, batch.get("meta")))
         loss = F.cross_entropy(logits, batch["label"], weight=self.class_weight)
         return {"loss": loss, "logits": logits}
 
