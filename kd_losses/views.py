@@ -48,8 +48,12 @@ def rotate_views(x: torch.Tensor) -> torch.Tensor:
 
 
 def view_labels(target: torch.Tensor) -> torch.Tensor:
-    """Labels of the 4B views: ``target[i]`` repeated at rows 4i..4i+3."""
-    return target.repeat_interleave(NUM_VIEWS)
+    """Per-image rows for the 4B views: ``target[i]`` repeated at rows 4i..4i+3.
+
+    Labels (B,) or any per-image rows, e.g. the metadata (B, M): the rotated views of an
+    image share its label and its metadata.
+    """
+    return target.repeat_interleave(NUM_VIEWS, dim=0)
 
 
 def num_images(rows: int) -> int:

@@ -14,7 +14,7 @@
 
 from .adapters import ConvReg, build_adapter
 from .factory import create_model
-from .fusion import COMB_METHODS, FusionConfigError, FusionSpec, MetaBlock, MetaNet
+from .fusion import COMB_METHODS, FusionConfigError, FusionSpec, MetaBlock, MetaNet, infer_fusion
 from .heads import ProjectionHead
 from .names import MOBILENET, RESNET50, canonical_name, list_models
 from .networks import NUM_FEATURES, KDNet, MobileNetV2KD, ResNet50KD
@@ -53,6 +53,7 @@ __all__ = [
     "create_model",
     "detect_layout",
     "ensure_imagenet_weights",
+    "infer_fusion",
     "from_torchvision_layout",
     "imagenet_weights_path",
     "imagenet_weights_url",

@@ -140,6 +140,28 @@ class FusionSpec:
         return cls(**dict(data)) if data else cls()
 
 
+def infer_fusion(state_dict: Mapping[str, torch.Tensor], num_features: int) -> FusionSpec:
+    """The :class:`FusionSpec` a network state dict was built with, read from its shapes.
+
+    For checkpoints that do not record it (the seed's fused networks): MetaBlock's
+    ``comb.fb.0.weight`` is (maps, M); MetaNet's convolutions are (hidden, M, 1, 1) and
+    (maps, hidden, 1, 1); the reducer's first layer is (n, C); concat is what is left
+    when the classifier is wider than the reducer (or C) without a ``comb``.
+    """
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    reducer = int(sd["reducer_block.0.weight"].shape[0]) if "reducer_block.0.weight" in sd else 0
+    if "comb.fb.0.weight" in sd:
+        maps, meta = sd["comb.fb.0.weight"].shape
+        return FusionSpec("metablock", int(meta), maps=int(maps), reducer=reducer)
+    if "comb.metanet.0.weight" in sd:
+        hidden, meta = sd["comb.metanet.0.weight"].shape[:2]
+        maps = sd["comb.metanet.2.weight"].shape[0]
+        return FusionSpec("metanet", int(meta), maps=int(maps), hidden=int(hidden), reducer=reducer)
+    extra = int(sd["classifier.weight"].shape[1]) - (reducer or num_features) \
+        if "classifier.weight" in sd else 0
+    return FusionSpec("concat", extra, reducer=reducer) if extra > 0 else FusionSpec(reducer=reducer)
+
+
 class MetaBlock(nn.Module):
     """Per-group gate of the pooled features from the metadata (MetaBlock, JBHI 2021)."""
 

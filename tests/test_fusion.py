@@ -179,3 +179,71 @@ def test_concat_appends_the_metadata_after_the_reducer_of_the_image():
     assert torch.equal(out[:, 16:], meta)
     assert torch.equal(out[:, :16], other[:, :16])  # the reducer sees the image only
     assert (out[:, :16] >= 0).all()  # after the reducer's ReLU
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def _kd_nets(student_method, teacher_method):
+    teacher = _net("resnet-50", teacher_method, None if teacher_method is None else M, seed=4)
+    student = _net("mobilenet", student_method, None if student_method is None else M, reducer=16,
+                   seed=5).train()
+    return student, teacher
+
+
+@pytest.mark.parametrize(("student_method", "teacher_method"), [
+    ("concat", "metablock"), (None, "metanet"), ("metablock", None),
+])
+def test_dkd_step_feeds_each_network_the_metadata_it_fuses(student_method, teacher_method):
+    from kd_losses import d_kd
+    from raug.methods.dkd import DKDTask
+
+    student, teacher = _kd_nets(student_method, teacher_method)
+    adapter = models.build_adapter(student, teacher, 32)
+    task = DKDTask(student, teacher, adapter, method="d_kd")
+    x, meta = _inputs(n=4)
+    batch = {"image": x, "label": torch.tensor([0, 1, 2, 3]), "meta": meta}
+    torch.manual_seed(7)  # the student's dropout
+    got = task.train_step(batch)
+    torch.manual_seed(7)
+    out_s = student.forward_kd(x, meta) if student_method else student.forward_kd(x)
+    out_s = {**out_s, "feats_7x7": adapter(out_s["feats_7x7"])}
+    with torch.no_grad():
+        out_t = teacher.forward_kd(x, meta) if teacher_method else teacher.forward_kd(x)
+    want = d_kd(out_s, out_t, batch["label"], method="d_kd")
+    for part in ("loss", "ce", "kd", "rkd_distance", "rkd_angle", "channel_relation"):
+        assert torch.equal(got[part], want[part]), part
+
+
+def test_ssd_kd_views_share_their_images_metadata(monkeypatch):
+    from raug.methods import ssdkd
+
+    student, teacher = _kd_nets("metanet", "metablock")
+    seen = []
+    real = ssdkd.frozen_forward
+
+    def spy(module, views, meta=None):
+        seen.append(meta)
+        return real(module, views, meta)
+
+    monkeypatch.setattr(ssdkd, "frozen_forward", spy)
+    task = ssdkd.SSDKDTask(student, models.ProjectionHead(student.embedding_features), teacher,
+                           models.ProjectionHead(teacher.embedding_features).eval(),
+                           models.build_adapter(student, teacher, 32))
+    x, meta = _inputs(n=2)
+    out = task.train_step({"image": x, "label": torch.tensor([0, 1]), "meta": meta})
+    assert torch.isfinite(out["loss"])
+    # rows 4i + r are image i's views: each carries image i's metadata
+    assert torch.equal(seen[0], meta[[0, 0, 0, 0, 1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize(("name", "method", "config", "reducer"), [
+    ("resnet-50", "metablock", [32, M], 0), ("mobilenet", "metanet", [M, 7, 40], 16),
+    ("mobilenet", "concat", M, 16), ("resnet-50", "concat", M, 0), ("mobilenet", None, None, 16),
+    ("resnet-50", None, None, 0),
+])
+def test_the_fusion_of_a_state_dict_is_read_back_from_its_shapes(name, method, config, reducer):
+    """For checkpoints that do not record it (the seed's): the shapes say it all."""
+    net = _net(name, method, config, reducer)
+    sd = {f"module.{k}": v for k, v in net.state_dict().items()}  # DataParallel prefix too
+    assert models.infer_fusion(sd, models.NUM_FEATURES[name]) == net.fusion

@@ -22,7 +22,7 @@ from raug.methods.kd_config import dkd_checks
 from raug.methods.teacher import frozen_forward, load_teacher
 from raug.train.distributed import gather_fields, own_rows
 from raug.train.method import Method
-from raug.train.task import Task
+from raug.train.task import Task, meta_kwargs
 
 
 class DKDTask(Task):
@@ -76,11 +76,11 @@ class DKDTask(Task):
 
     def train_step(self, batch: dict) -> dict:
         """D-KD loss of the batch, with its active terms and the student's logits."""
-        images = batch["image"]
-        out_s = self.model.forward_kd(images)
+        images, meta = batch["image"], batch.get("meta")
+        out_s = self.model.forward_kd(images, **meta_kwargs(self.model, meta))
         out_t: dict[str, torch.Tensor] = {}
         if "teacher" in self.frozen:
-            out_t = frozen_forward(self.frozen["teacher"], images)
+            out_t = frozen_forward(self.frozen["teacher"], images, meta)
         if "adapter" in self.trained:
             out_s = {**out_s, "feats_7x7": self.trained["adapter"](out_s["feats_7x7"])}
         # _gather_embeddings=True under torchrun: RKD of this rank's anchors against the

@@ -35,7 +35,14 @@ import torch
 from torch import nn
 
 import models
-from kd_losses import SSD_KD_FAMILY, SSDKDWeights, rotate_views, split_views, ssd_kd_loss
+from kd_losses import (
+    SSD_KD_FAMILY,
+    SSDKDWeights,
+    rotate_views,
+    split_views,
+    ssd_kd_loss,
+    view_labels,
+)
 from raug.files.paths import resolve_repo_path
 from raug.methods.kd_config import ssdkd_checks
 from raug.methods.teacher import file_fingerprint, frozen_forward, load_teacher
@@ -49,7 +56,7 @@ from raug.methods.teacher_head import (
 )
 from raug.train.distributed import gather_embeddings, gather_fields, own_rows
 from raug.train.method import Method, Phase
-from raug.train.task import Task
+from raug.train.task import Task, meta_kwargs
 
 SSD_KD = SSD_KD_FAMILY["ssd_kd"]
 TEACHER_HEAD_PHASE = "teacher-head"
@@ -101,12 +108,13 @@ class SSDKDTask(Task):
     def train_step(self, batch: dict) -> dict:
         """SSD-KD loss of the four-view stack of the batch."""
         views = rotate_views(batch["image"])
-        out_t = frozen_forward(self.frozen["teacher"], views)
+        meta = None if batch.get("meta") is None else view_labels(batch["meta"])  # shared by the views
+        out_t = frozen_forward(self.frozen["teacher"], views, meta)
         with torch.inference_mode():
             proj_t = self.frozen["teacher_head"](out_t["avg_pool"])
         proj_t = proj_t.clone()  # an ordinary tensor again (see teacher.frozen_forward)
 
-        out_s = self.model.forward_kd(views)
+        out_s = self.model.forward_kd(views, **meta_kwargs(self.model, meta))
         proj_s = self.trained["proj_head"](out_s["avg_pool"])
         if "adapter" in self.trained:
             out_s = {**out_s, "feats_7x7": self.trained["adapter"](out_s["feats_7x7"])}

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 
-from kd_losses import rotate_views, rotation_ss_loss, view_similarity
+from kd_losses import rotate_views, rotation_ss_loss, view_labels, view_similarity
 from kd_losses.views import own_columns
 from raug.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from raug.methods.teacher import freeze, frozen_forward
@@ -74,7 +74,8 @@ class RotationHeadTask(Task):
 
     def _step(self, batch: dict) -> dict:
         views = rotate_views(batch["image"])
-        pooled = frozen_forward(self.frozen["teacher"], views)["avg_pool"]
+        meta = None if batch.get("meta") is None else view_labels(batch["meta"])  # shared by the views
+        pooled = frozen_forward(self.frozen["teacher"], views, meta)["avg_pool"]
         # _gather_embeddings=True under torchrun: the rotation task over the global batch
         proj = gather_embeddings(self.model(pooled))
         return {"loss": rotation_ss_loss(proj), "ss_acc": rotation_accuracy(proj.detach())}
