@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,48 @@ def _pass(loader) -> int:
     return n
 
 
+def _toolkit_dataset(data_dir: Path, table, img_size: int, seed: int) -> IsicDataset:
+    """The training dataset on the prepared cache as runs ship it (``build_data``: uint8,
+    normalised later on the device)."""
+    return IsicDataset(table, data_dir / "train" / "imgs",
+                       train_transform(img_size, seed=seed, normalise=False), data_dir / TRAIN_CSV)
+
+
+def _timed_passes(loader, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` passes after one untimed pass (worker start, page cache)."""
+    _pass(loader)
+    runs = []
+    for _ in tqdm(range(repeats), desc="loader passes", leave=False):
+        start = time.perf_counter()
+        _pass(loader)
+        runs.append(time.perf_counter() - start)
+    return runs
+
+
+def worker_scan(
+    data_dir: str | Path, workers: Sequence[int], img_size: int = 224, batch: int = 8,
+    repeats: int = 3, device: str = "cpu", seed: int = 2021,
+) -> list[dict[str, Any]]:
+    """Training images/s of the toolkit's pipeline alone for each number of loader workers.
+
+    What a GPU run needs to know: how many workers keep up with the step. ``batch`` is
+    small so that every worker gets batches in one pass of the (small) benchmark set;
+    ``images_per_s_per_worker`` divides by the workers (by 1 for the main process).
+    """
+    data_dir = Path(data_dir)
+    table = read_parsed_csv(data_dir / TRAIN_CSV, require_folder=True)
+    dataset = _toolkit_dataset(data_dir, table, img_size, seed)
+    rows = []
+    for count in workers:
+        loader = make_loader(dataset, batch, count, torch.device(device), seed, train=True)
+        runs = _timed_passes(loader, repeats)
+        rate = len(table) / common.median(runs)
+        rows.append({"workers": int(count), "images_per_s": rate,
+                     "images_per_s_per_worker": rate / max(int(count), 1),
+                     "runs": runs, "batch": batch, "img_size": img_size})
+    return rows
+
+
 def bench_loader(
     data_dir: str | Path, img_size: int = 224, batch: int = 32, workers: int | None = None,
     repeats: int = 5, warmup: int = 1, device: str = "cpu", seed: int = 2021,
@@ -140,9 +183,7 @@ def bench_loader(
     ids = [str(i) for i in table["image"]]
     labels = table["diagnostic_number"].tolist()
     dev = torch.device(device)
-    # as runs ship it (raug.data.loaders.build_data): uint8, normalised on the device
-    ours_ds = IsicDataset(table, data_dir / "train" / "imgs",
-                          train_transform(img_size, seed=seed, normalise=False), data_dir / TRAIN_CSV)
+    ours_ds = _toolkit_dataset(data_dir, table, img_size, seed)
     seed_ds = SeedOriginalsDataset(data_dir / ORIGINALS, ids, labels,
                                    train_transform(img_size, seed=seed))
     ours_loader = make_loader(ours_ds, batch, workers, dev, seed, train=True)
@@ -162,13 +203,7 @@ def bench_loader(
     if control:
         ctrl_ds = IsicDataset(table, data_dir / ORIGINALS, train_transform(img_size, seed=seed),
                               data_dir / TRAIN_CSV)
-        ctrl_loader = make_loader(ctrl_ds, batch, workers, dev, seed, train=True)
-        _pass(ctrl_loader)
-        runs = []
-        for _ in tqdm(range(repeats), desc="control passes", leave=False):
-            start = time.perf_counter()
-            _pass(ctrl_loader)
-            runs.append(time.perf_counter() - start)
+        runs = _timed_passes(make_loader(ctrl_ds, batch, workers, dev, seed, train=True), repeats)
         extra["control_toolkit_dataset_on_originals_images_per_s"] = n / common.median(runs)
     setup = {"images": n, "img_size": img_size, "batch": batch, "num_workers": workers,
              "cache_short_side": extra["cache_sizes"]["max_short_side"]}

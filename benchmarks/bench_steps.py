@@ -44,7 +44,7 @@ from raug.methods.dkd import DKDTask
 from raug.methods.ssdkd import SSDKDTask
 from raug.methods.teacher import frozen_forward
 from raug.train.device import amp_dtype, autocast, resolve_device
-from raug.train.engine import FitSettings, default_optimizer, to_device
+from raug.train.engine import FitSettings, _maybe_compile, default_optimizer, to_device
 from raug.train.task import ClassificationTask, Task
 
 if __package__:
@@ -144,7 +144,8 @@ class ToolkitStep:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
         channels_last: move modules and images to channels-last (the engine's default).
         amp: ``None``/``"off"``/``"bf16"``/``"fp16"`` (as the engine: both on CUDA, ``bf16`` only on CPU).
-        compile: ``torch.compile`` every module (CUDA only, as in the engine).
+        compile: ``torch.compile`` every module and its ``forward_kd`` (CUDA only): the
+            engine's own ``_maybe_compile``, so the KD steps' ``forward_kd`` is compiled too.
         lr: SGD learning rate (engine default optimizer: momentum 0.9, weight decay 1e-3).
     """
 
@@ -163,10 +164,7 @@ class ToolkitStep:
         self.channels_last = channels_last
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         task.to(device=self.device, memory_format=memory_format)
-        if compile and self.device.type == "cuda":
-            # as raug.train.engine: nn.Module.compile() compiles in place
-            for module in (*task.trained.values(), *task.frozen.values()):
-                module.compile()
+        _maybe_compile(task, compile, self.device)
         task.train()
         settings = FitSettings(epochs=1, lr=lr, device=self.device, amp=amp)
         self.optimizer = default_optimizer(settings)(task.trainable_parameters())
@@ -236,7 +234,7 @@ class Pair:
     """A prepared comparison: both steps, their inputs, and the equality check's figures."""
 
     ours: ToolkitStep
-    baseline: SeedDKDStep | SeedSSDKDStep
+    baseline: SeedDKDStep | SeedSSDKDStep | ToolkitStep
     ours_input: Any
     baseline_input: tuple
     check: dict[str, float]
@@ -296,6 +294,26 @@ def prepare_ssdkd(
     )
     baseline.reset_hooks(0)
     return Pair(ours, baseline, ours_input, (list(raw), labels), check, batch)
+
+
+def prepare_teacher(
+    batch: int, px: int, device: str, channels_last: bool = True, amp: str | None = None,
+    compile: bool = False, seed: int = 0,
+) -> Pair:
+    """The toolkit's teacher step (ResNet-50, class-weighted CE) against the same step the
+    seed's way: float32, NCHW, no compile (the seed trained its teacher with a plain step),
+    on a copy of the same weights and the same batch; losses checked equal."""
+    torch.manual_seed(seed)
+    model = models.create_model("resnet-50", NUM_CLASSES)
+    seed_model = copy.deepcopy(model)
+    data = {"image": normalise(make_images(batch, px, seed), px), "label": make_labels(batch)}
+    ours = ToolkitStep(ClassificationTask(model, class_weight()), device, channels_last, amp,
+                       compile)
+    baseline = ToolkitStep(ClassificationTask(seed_model, class_weight()), device,
+                           channels_last=False)
+    check = check_close(f"teacher_step batch={batch} px={px}", ours.loss(data).item(),
+                        baseline.loss(data).item(), _rtol(amp))
+    return Pair(ours, baseline, data, (data,), check, batch)
 
 
 def time_pair(pair: Pair, repeats: int, warmup: int, device: str, desc: str) -> common.Timings:

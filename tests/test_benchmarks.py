@@ -239,7 +239,14 @@ def test_cli_defaults_and_quick_plan_is_a_subset_of_the_full_plan():
     assert args.quick
     assert args.only == ["loader", "dkd_step"]
     assert (args.device, args.channels_last, args.amp) == ("cpu", True, "off")
-    assert run.build_parser().parse_args([]).only == list(run.ITEMS)
+    assert run.build_parser().parse_args([]).only == list(run.DEFAULT_ITEMS)
+    assert "teacher_step" in run.ITEMS
+    assert "teacher_step" not in run.DEFAULT_ITEMS
+    matrix = run.build_parser().parse_args(["--tiny", "--px", "224", "--amp", "auto",
+                                            "--loader-workers", "1", "8"])
+    assert (matrix.tiny, matrix.px, matrix.amp, matrix.loader_workers) == (True, 224, "auto", [1, 8])
+    with pytest.raises(SystemExit):
+        run.build_parser().parse_args(["--quick", "--tiny"])
     with pytest.raises(SystemExit):
         run.build_parser().parse_args(["--only", "nonsense"])
     for field in ("dkd_sizes", "ssd_sizes", "growth_epochs", "scaling_batches"):
@@ -266,6 +273,7 @@ def test_epoch_projection_counts_the_training_images_of_a_full_sized_split():
 class _FakePair:
     def __init__(self):
         self.check = {"loss_ours": 1.0, "loss_baseline": 1.0, "rel_diff": 0.0}
+        self.images = 32
 
 
 @pytest.mark.parametrize("side", ["just_met", "just_missed"])
@@ -282,6 +290,7 @@ def test_each_item_is_judged_against_its_target(monkeypatch, tmp_path, side):
 
     monkeypatch.setattr(bench_steps, "prepare_dkd", lambda *a, **k: _FakePair())
     monkeypatch.setattr(bench_steps, "prepare_ssdkd", lambda *a, **k: _FakePair())
+    monkeypatch.setattr(bench_steps, "prepare_teacher", lambda *a, **k: _FakePair())
     monkeypatch.setattr(bench_steps, "time_pair",
                         lambda pair, r, w, d, desc: timings(desc.split()[0]))
     monkeypatch.setattr(bench_channel_relation, "_time",
@@ -289,7 +298,7 @@ def test_each_item_is_judged_against_its_target(monkeypatch, tmp_path, side):
     monkeypatch.setattr(bench_channel_relation, "peak_memory",
                         lambda *a: {"peak_bytes": 2**20, "method": "stub"})
     opts = run.Options(device="cpu", amp=None, channels_last=True, compile=False, extras=False)
-    items = ["channel_relation", "dkd_step", "ssd_kd_step"]
+    items = ["channel_relation", "dkd_step", "ssd_kd_step", "teacher_step"]
     results = run.run_all(items, run.QUICK, opts, tmp_path, report=lambda line: None)
     assert set(results) == set(items)
     for item in items:
@@ -298,6 +307,12 @@ def test_each_item_is_judged_against_its_target(monkeypatch, tmp_path, side):
         assert entry["ratio"] == pytest.approx(run.TARGETS[item] * factor), item
         assert entry["met"] is (side == "just_met"), item
         assert f">= {run.TARGETS[item]:g}x" in common.format_table({item: entry})
+        assert entry["counts"] is (item != "teacher_step")  # the teacher's line informs only
+    assert run.exit_code(results) == (0 if side == "just_met" else 1)
+    dry = run.run_all(items, run.QUICK, run.Options("cpu", None, True, False, False, judge=False),
+                      tmp_path, report=lambda line: None)
+    assert not any(entry["counts"] for entry in dry.values())
+    assert run.exit_code(dry) == 0
 
 
 @pytest.mark.numeric
@@ -332,3 +347,96 @@ def test_format_details_tables_hold_the_raw_figures():
     assert "| 64 | 224 | 6.40 | 0.100 | 2048 |" in text
     assert "| teacher CE | 0.100 | 0.51 | - | - |" in text
     assert "| d_kd | 0.100 | 0.51 | 0.100 | 0.51 |" in text
+
+
+def test_at_px_puts_every_step_at_one_size():
+    plan = run.at_px(run.FULL, 224)
+    assert (plan.dkd_sizes, plan.ssd_sizes, plan.scaling_px, plan.projection_px, plan.loader_px) == (
+        (224,), (224,), 224, 224, 224)
+    assert plan.repeats == run.FULL.repeats
+    assert run.at_px(run.QUICK, None) == run.QUICK
+    assert run.TINY.batch < run.QUICK.batch == 32
+
+
+def test_amp_name_resolves_auto_like_the_engine(monkeypatch):
+    assert run.amp_name("off", "cpu") is None
+    assert run.amp_name("auto", "cpu") is None  # the engine's auto: off on the CPU
+    assert run.amp_name("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(run, "amp_dtype", lambda amp, device: {"auto": torch.float16}.get(amp))
+    assert run.amp_name("auto", "cuda") == "fp16"  # e.g. a V100
+
+
+def _step(item, ours_s, baseline_s, amp="off", channels_last=False, compile=False, px=224):
+    kind, images = ("images", 8) if item == "ssd_kd_step" else ("batch", 32)
+    setup = {kind: images, "px": px, "amp": amp, "channels_last": channels_last, "compile": compile}
+    return common.make_result(common.Timings(ours=[ours_s], baseline=[baseline_s]), "s/step",
+                              setup, run.TARGETS[item])
+
+
+def test_matrix_summary_images_per_second_per_variant():
+    fp32 = {"teacher_step": _step("teacher_step", 0.1, 0.1), "dkd_step": _step("dkd_step", 0.2, 0.2),
+            "ssd_kd_step": _step("ssd_kd_step", 0.4, 0.8)}
+    amp_cl = {"teacher_step": _step("teacher_step", 0.05, 0.1, "bf16", True),
+              "dkd_step": _step("dkd_step", 0.05, 0.3, "bf16", True),
+              "ssd_kd_step": _step("ssd_kd_step", 0.1, 0.6, "bf16", True)}
+    compiled = {"dkd_step": _step("dkd_step", 0.04, 0.2, "bf16", True, True)}
+    loader = _step("dkd_step", 0.001, 0.003)
+    loader["per_worker"] = [{"workers": 1, "images_per_s": 300.0, "images_per_s_per_worker": 300.0},
+                            {"workers": 4, "images_per_s": 1000.0, "images_per_s_per_worker": 250.0}]
+    lines = run.matrix_summary([fp32, amp_cl, compiled, {"loader": loader}]).splitlines()
+    assert lines[2] == "| fp32 | 224 | 320.0 | 160.0 | 20.0 | 1.00x |"
+    assert lines[3] == "| AMP bf16 + channels-last | 224 | 640.0 | 640.0 | 80.0 | 6.00x |"
+    assert lines[4] == "| AMP bf16 + channels-last + compile | 224 | - | 800.0 | - | 5.00x |"
+    # the seed-style float32 step of every run, median (teacher 320, 320; D-KD 160, 106.7, 160;
+    # SSD-KD 10, 13.3)
+    assert lines[5] == "| seed-style fp32 NCHW (median of the runs) | - | 320.0 | 160.0 | 11.7 | 1.00x |"
+    assert "| 4 | 1000.0 | 250.0 |" in lines
+    assert lines[-1] == ("loader with 4 workers: 1000.0 images/s, keeps up with the fastest "
+                         "D-KD step (800.0 images/s)")
+
+
+def test_gpu_sh_without_cuda_exits_3_and_says_so(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    log = tmp_path / "gpu.log"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", str(log)], capture_output=True,
+                          text=True, env=env, cwd=run.Path(__file__).resolve().parents[1])
+    assert proc.returncode == 3
+    assert "no CUDA device visible" in log.read_text()
+
+
+@pytest.mark.slow
+def test_gpu_sh_dry_run_on_the_cpu_covers_the_matrix(tmp_path):
+    """``BENCH_DEVICE=cpu``: gpu.sh's commands at run.py --tiny, every JSON and the summary."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "gpu.log"
+    env = {**os.environ, "PYTHON": sys.executable, "BENCH_DEVICE": "cpu"}
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", str(log)], capture_output=True,
+                          text=True, env=env, cwd=run.Path(__file__).resolve().parents[1])
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    runs = {p.name.split("-", 3)[-1]: json.loads(p.read_text()) for p in tmp_path.glob("gpu-*.json")}
+    assert sorted(runs) == ["1-fp32.json", "2-amp.json", "3-amp-cl.json", "4-amp-cl-compile.json",
+                            "5-loader.json"]
+    # on the CPU --amp auto is off: the variants differ in layout and compile here
+    layouts = {"1-fp32.json": (False, False), "2-amp.json": (False, False),
+               "3-amp-cl.json": (True, False), "4-amp-cl-compile.json": (True, True)}
+    for name, (channels_last, compiled) in layouts.items():
+        assert set(runs[name]) == {"teacher_step", "dkd_step", "ssd_kd_step"}, name
+        for entry in runs[name].values():
+            setup = entry["setup"]
+            assert (setup["px"], setup["amp"], setup["channels_last"], setup["compile"]) == (
+                32, "off", channels_last, compiled), name
+            assert entry["counts"] is False
+    workers = [w["workers"] for w in runs["5-loader.json"]["loader"]["per_worker"]]
+    assert workers == [1, 2, 4, 8]
+    assert "| seed-style fp32 NCHW (median of the runs) |" in text
+    assert "status 0" in text

@@ -20,7 +20,7 @@ from raug.data.loaders import (
     set_loader_epoch,
 )
 from raug.data.transforms import eval_transform
-from raug.testing import write_prepared_dataset
+from raug.testing import BlobDataset, write_prepared_dataset
 
 CPU = torch.device("cpu")
 
@@ -130,6 +130,22 @@ def test_sampler_and_drop_last_rule():
     assert make_loader(ds, 8, 0, CPU, 0, train=True).drop_last  # 17 % 8 == 1: no batch of 1
     assert not make_loader(list(range(18)), 8, 0, CPU, 0, train=True).drop_last
     assert not make_loader(ds, 8, 0, CPU, 0, train=False).drop_last
+
+
+def test_only_training_loaders_keep_their_workers():
+    ds = BlobDataset(16)
+    assert make_loader(ds, 8, 2, CPU, 0, train=True).persistent_workers is True
+    assert make_loader(ds, 8, 2, CPU, 0, train=False).persistent_workers is False
+    assert make_loader(ds, 8, 0, CPU, 0, train=True).persistent_workers is False  # no workers
+    # an evaluation pass starts its workers and nothing of them is kept after it
+    val = make_loader(ds, 8, 2, CPU, 0, train=False)
+    assert [i for b in val for i in b["id"]] == ds.ids
+    assert val._iterator is None
+    # the training workers wait for the next epoch
+    train = make_loader(ds, 8, 2, CPU, 0, train=True)
+    assert sorted(i for b in train for i in b["id"]) == sorted(ds.ids)
+    assert train._iterator is not None
+    assert train._iterator._workers_status == [True, True]
 
 
 def test_test_csv_without_folder_column(prepared):

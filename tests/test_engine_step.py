@@ -68,7 +68,8 @@ def _reference_train_one_epoch(task, loader, opt, scaler, device, dtype, epoch, 
         batch = to_device(batch, device, settings.channels_last)
         with autocast(device, dtype):
             out = step(batch)
-        values = engine._scalars(out)
+        names, vector = engine._scalar_vector(out)
+        values = dict(zip(names, vector.tolist()))
         engine._check_finite(values, f"epoch {epoch}, batch {index} (training)")
         opt.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
@@ -92,11 +93,11 @@ def _reference_train_one_epoch(task, loader, opt, scaler, device, dtype, epoch, 
 
 
 class _Counter:
-    """Counts Tensor.item / tolist / cpu calls (the device-to-host transfers)."""
+    """Counts Tensor.item / tolist / cpu calls (the device-to-host transfers), or ``names``."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, names=("item", "tolist", "cpu")):
         self.calls = []
-        for name in ("item", "tolist", "cpu"):
+        for name in names:
             original = getattr(torch.Tensor, name)
 
             def counted(self_, *args, _name=name, _original=original, **kwargs):
@@ -136,6 +137,33 @@ def test_host_transfers_with_a_real_loader(monkeypatch):
     # + per epoch, not per step: the sampler's two tolist (order, seeds) and the
     # DataLoader iterator's item calls (its base seed)
     assert len(counter.calls) <= 24 / 4 + 6, counter.calls
+
+
+# every Tensor method that waits for the device to hand a value to the host
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+def test_evaluation_host_transfers_do_not_grow_with_batches(monkeypatch):
+    task = PartsTask()
+    calls = {}
+    for n_batches in (2, 6):
+        source = list(make_loader(BlobDataset(4 * n_batches, seed=2), 4, 0, CPU, 0, train=False))
+        with monkeypatch.context() as patch:
+            counter = _Counter(patch, HOST_READS)
+            result = evaluate(task, source, CPU)
+        calls[n_batches] = counter.calls
+        # the values are the per-batch ones, gathered once
+        images = torch.cat([b["image"] for b in source])
+        labels = torch.cat([b["label"] for b in source])
+        with torch.no_grad():
+            logits = task.eval().model(images)
+        torch.testing.assert_close(result.logits, logits)
+        assert torch.equal(result.labels, labels)
+        per_batch = [F.cross_entropy(z, y, weight=task.class_weight).item()
+                     for z, y in zip(logits.split(4), labels.split(4))]
+        assert result.stats["loss"] == pytest.approx(np.mean(per_batch), rel=1e-6)  # equal batches
+    # the sums (one tolist), the logits and the labels (one cpu each), per split
+    assert calls[2] == calls[6] == ["tolist", "cpu", "cpu"]
 
 
 def test_progress_bar_updates_at_syncs_only(monkeypatch):

@@ -402,6 +402,12 @@ def make_loader(
     image, which BatchNorm cannot train on; every other image is used.
     Evaluation loaders keep the file order and every sample.
 
+    Only training loaders keep their workers between passes (``persistent_workers``):
+    they run every epoch, and a restart would cost the workers' start-up each time.
+    Evaluation loaders start their workers for each pass and let them exit after it, so
+    the validation and test workers (their processes and their dataset copies) do not
+    stay resident beside the training workers for the whole run.
+
     Under torchrun (``world_size > 1``) the training sampler gives this rank its
     padded share of the epoch and evaluation loaders a :class:`ShardSampler`
     (each sample on exactly one rank); ``batch_size`` is per process.
@@ -431,7 +437,7 @@ def make_loader(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
+        persistent_workers=train and num_workers > 0,
         worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(int(seed)),
         drop_last=drop_last,

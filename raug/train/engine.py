@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from raug.train.distributed import (
 from raug.train.early_stopping import EarlyStopping, metric_mode
 from raug.train.metrics import accuracy, balanced_accuracy, macro_auc
 from raug.train.outputs import RunOutputs
+from raug.train.prefetch import DevicePrefetcher
 from raug.train.task import Task
 
 log = logging.getLogger(__name__)
@@ -362,6 +364,8 @@ def train_one_epoch(
     the epoch. A sync copies them to the host at once, checks them (naming the first
     non-finite batch; under torchrun one all-reduce tells every rank) and updates the
     progress bar. The training predictions stay on the device until the epoch ends.
+    Batches reach the device through :class:`~raug.train.prefetch.DevicePrefetcher`
+    (on CUDA the next one is copied on a side stream during the step).
     """
     step = parallel if parallel is not None else task  # either call runs task.train_step
     task.train()
@@ -370,10 +374,10 @@ def train_one_epoch(
     sync_every = max(1, int(settings.sync_every))
     meter = _LossMeter()
     preds, labels = [], []
-    bar = tqdm(loader, desc=f"{settings.desc} {epoch}/{settings.epochs} train", leave=False,
+    bar = tqdm(_on_device(loader, device, settings.channels_last),
+               desc=f"{settings.desc} {epoch}/{settings.epochs} train", leave=False,
                dynamic_ncols=True, disable=not is_main_process())
     for index, batch in enumerate(bar):
-        batch = to_device(batch, device, settings.channels_last)
         with autocast(device, dtype):
             out = step(batch)
         opt.zero_grad(set_to_none=True)
@@ -408,26 +412,20 @@ def train_one_epoch(
 class _LossMeter:
     """Sample-weighted sums of a step's scalar parts, kept on the device between syncs.
 
-    ``add`` queues no host work: the parts of a batch are stacked into one float32
-    vector (as :func:`_scalars` converts them) and ``sum += value.double() * n`` is
-    added on the device, batch after batch, so the float64 sums equal the Python
-    floats the per-step loop used to add (same products, same order). ``sync`` copies
-    the sums and the per-batch values since the last sync to the host with one
-    ``tolist`` and checks them.
+    ``add`` queues no host work (:class:`_DeviceSums`) and keeps the batch's values on the
+    device. ``sync`` copies the sums and the per-batch values since the last sync to the
+    host with one ``tolist`` and checks them.
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}  # host copy as of the last sync
         self.seen = 0  # samples covered by ``sums``
-        self._device_sums: dict[tuple[str, ...], torch.Tensor] = {}  # one vector per set of names
+        self._device_sums = _DeviceSums()
         self._pending: list[tuple[int, tuple[str, ...], torch.Tensor]] = []  # (batch, names, values)
         self._pending_seen = 0
 
     def add(self, index: int, out: Mapping[str, Any], n: int) -> None:
-        names, values = _scalar_vector(out)
-        weighted = values.double() * n
-        total = self._device_sums.get(names)
-        self._device_sums[names] = weighted if total is None else total + weighted
+        names, values = self._device_sums.add(out, n)
         self._pending.append((index, names, values))
         self._pending_seen += n
 
@@ -436,16 +434,12 @@ class _LossMeter:
 
     def sync(self, epoch: int) -> None:
         """Bring sums and per-batch values to the host; raise on a non-finite one (all ranks)."""
-        groups = list(self._device_sums.items())
+        groups = list(self._device_sums.groups.items())
         pending, self._pending = self._pending, []
         tensors = [v for _, v in groups] + [v.double() for _, _, v in pending]
         flat = torch.cat(tensors).tolist() if tensors else []
-        pos = 0
-        sums: dict[str, float] = {}
-        for names, _ in groups:
-            for name in names:
-                sums[name] = sums.get(name, 0.0) + flat[pos]
-                pos += 1
+        sums = _sums_by_name([names for names, _ in groups], flat)
+        pos = sum(len(names) for names, _ in groups)
         bad_batch: tuple[int, dict[str, float]] | None = None
         for index, names, _ in pending:
             row = dict(zip(names, flat[pos:pos + len(names)]))
@@ -460,6 +454,44 @@ class _LossMeter:
         _check_first_bad_batch(epoch, bad_batch)
         # finite batches can still overflow a sum
         _check_finite(sums, f"epoch {epoch}, batches {span} (training, the epoch's running sums)")
+
+
+class _DeviceSums:
+    """Sample-weighted sums of a step's scalar parts, added on the device (no host sync).
+
+    The parts of a batch are stacked into one float32 vector (:func:`_scalar_vector`) and
+    ``sum += value.double() * n`` is added on the device, batch after batch, so the
+    float64 sums equal the Python floats a per-step loop adds (the same products, in the
+    same order). One vector per set of part names (a step may vary its parts).
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def add(self, out: Mapping[str, Any], n: int) -> tuple[tuple[str, ...], torch.Tensor]:
+        """Add a step output's parts weighted by ``n``; returns its names and float32 values."""
+        names, values = _scalar_vector(out)
+        weighted = values.double() * n
+        total = self.groups.get(names)
+        self.groups[names] = weighted if total is None else total + weighted
+        return names, values
+
+    def to_host(self) -> dict[str, float]:
+        """The sums by name, with one device-to-host copy."""
+        if not self.groups:
+            return {}
+        return _sums_by_name(list(self.groups), torch.cat(list(self.groups.values())).tolist())
+
+
+def _sums_by_name(groups: Sequence[tuple[str, ...]], flat: Sequence[float]) -> dict[str, float]:
+    """Per-name totals of the group vectors laid end to end in ``flat`` (in ``groups`` order)."""
+    sums: dict[str, float] = {}
+    pos = 0
+    for names in groups:
+        for name in names:
+            sums[name] = sums.get(name, 0.0) + flat[pos]
+            pos += 1
+    return sums
 
 
 @dataclass
@@ -485,36 +517,35 @@ def evaluate(
     Returns sample-weighted means of ``loss`` and the other scalar parts, and
     the concatenated float32 logits, labels and image ids.
 
+    No host sync per batch: the sums (:class:`_DeviceSums`), logits and labels stay on
+    the device until the split ends and reach the host then, in three copies whatever
+    the number of batches; batches arrive through
+    :class:`~raug.train.prefetch.DevicePrefetcher`.
+
     Distributed runs: when the loader's sampler is a rank's shard (it has
     ``shard_indices``, see :class:`raug.data.loaders.ShardSampler`), every rank evaluates
     its shard and gets back the whole split, in the dataset's order, each sample
     once. A loader without shards is evaluated in full by every rank.
     """
     task.eval()
-    sums: dict[str, float] = {}
+    sums = _DeviceSums()
     seen = 0
     logits, labels, ids = [], [], []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-                          disable=not is_main_process()):
-            batch = to_device(batch, device, channels_last)
+        for batch in tqdm(_on_device(loader, device, channels_last), desc=desc, leave=False,
+                          dynamic_ncols=True, disable=not is_main_process()):
             with autocast(device, dtype):
                 out = task.eval_step(batch)
             n = _batch_len(batch)
             seen += n
-            for name, value in _scalars(out).items():
-                sums[name] = sums.get(name, 0.0) + value * n
+            sums.add(out, n)
             if "logits" in out:
-                logits.append(out["logits"].float().cpu())
+                logits.append(out["logits"].float())
             if "label" in batch:
-                labels.append(batch["label"].cpu())
+                labels.append(batch["label"])
             ids.extend(batch.get("id", []))
-    result = EvalOutput(
-        stats=sums,
-        logits=torch.cat(logits) if logits else None,
-        labels=torch.cat(labels) if labels else None,
-        ids=ids,
-    )
+    result = EvalOutput(stats=sums.to_host(), logits=_cat_to_host(logits),
+                        labels=_cat_to_host(labels), ids=ids)
     shard = getattr(getattr(loader, "sampler", None), "shard_indices", None)
     if is_initialized() and shard is not None:
         result, seen = _gather_eval(result, seen, shard)
@@ -599,6 +630,17 @@ def normalize_images(
     return x.sub_(m.view(1, -1, 1, 1)).mul_(inv.view(1, -1, 1, 1))
 
 
+def _on_device(loader: Iterable, device: torch.device, channels_last: bool) -> DevicePrefetcher:
+    """``loader``'s batches moved by :func:`to_device`, one batch ahead on CUDA."""
+    return DevicePrefetcher(loader, device, partial(to_device, device=device,
+                                                    channels_last=channels_last))
+
+
+def _cat_to_host(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The per-batch device tensors of a pass, concatenated and copied to the host at once."""
+    return torch.cat(tensors).cpu() if tensors else None
+
+
 def _batch_len(batch: Mapping[str, Any]) -> int:
     if "label" in batch:
         return int(batch["label"].shape[0])
@@ -620,12 +662,6 @@ def _scalar_vector(out: Mapping[str, Any]) -> tuple[tuple[str, ...], torch.Tenso
             continue
         names.append(name)
     return tuple(names), torch.stack(values)
-
-
-def _scalars(out: Mapping[str, Any]) -> dict[str, float]:
-    """The scalar entries of a step output as Python floats, with one device sync."""
-    names, values = _scalar_vector(out)
-    return dict(zip(names, values.tolist()))
 
 
 def _check_finite(values: Mapping[str, float], where: str) -> None:
@@ -774,6 +810,8 @@ def _checkpoint_payload(task, epoch, history, stopper, opt, sched, scaler, info,
     payload: dict[str, Any] = {
         "model_name": getattr(model, "model_name", type(model).__name__),
         "num_classes": getattr(model, "num_classes", None),
+        # metadata fusion (models.fusion.FusionSpec), so a KD run rebuilds its teacher as trained
+        **({"fusion": model.fusion.to_dict()} if hasattr(model, "fusion") else {}),
         **dict(info or {}),
         "epoch": int(epoch),
         "model_state_dict": model.state_dict(),
