@@ -13,7 +13,7 @@
 """
 
 from .adapters import ConvReg, build_adapter
-from .factory import create_model
+from .factory import checkpoint_fusion, create_model
 from .fusion import COMB_METHODS, FusionConfigError, FusionSpec, MetaBlock, MetaNet, infer_fusion
 from .heads import ProjectionHead
 from .names import MOBILENET, RESNET50, canonical_name, list_models
@@ -33,16 +33,16 @@ from .weights import (
 
 __all__ = [
     "COMB_METHODS",
-    "NUM_FEATURES",
-    "FusionConfigError",
-    "FusionSpec",
-    "MetaBlock",
-    "MetaNet",
     "IMAGENET_WEIGHTS",
     "MOBILENET",
+    "NUM_FEATURES",
     "RESNET50",
     "ConvReg",
+    "FusionConfigError",
+    "FusionSpec",
     "KDNet",
+    "MetaBlock",
+    "MetaNet",
     "MobileNetV2KD",
     "PretrainedWeightsNotFound",
     "ProjectionHead",
@@ -50,13 +50,14 @@ __all__ = [
     "WeightsError",
     "build_adapter",
     "canonical_name",
+    "checkpoint_fusion",
     "create_model",
     "detect_layout",
     "ensure_imagenet_weights",
-    "infer_fusion",
     "from_torchvision_layout",
     "imagenet_weights_path",
     "imagenet_weights_url",
+    "infer_fusion",
     "list_models",
     "load_weights",
     "to_torchvision_layout",

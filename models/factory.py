@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from .fusion import FusionSpec
+from .fusion import FusionSpec, infer_fusion
 from .names import canonical_name
-from .networks import ARCHITECTURES, KDNet
+from .networks import ARCHITECTURES, NUM_FEATURES, KDNet
 from .weights import load_imagenet_weights, load_weights_file
 
 
@@ -49,3 +49,16 @@ def create_model(
     elif pretrained:
         load_imagenet_weights(model)
     return model
+
+
+def checkpoint_fusion(ckpt: Mapping, model_name: str) -> FusionSpec:
+    """The metadata fusion of a loaded checkpoint's network.
+
+    A project checkpoint records it (``ckpt["fusion"]``, :meth:`FusionSpec.to_dict`);
+    others (the seed's fused networks, bare state dicts) are read from their shapes
+    (:func:`models.fusion.infer_fusion`). Image-only files give ``FusionSpec()``.
+    """
+    if ckpt.get("fusion"):
+        return FusionSpec.from_dict(ckpt["fusion"])
+    state = ckpt.get("model_state_dict", ckpt)
+    return infer_fusion(state, NUM_FEATURES[canonical_name(model_name)])

@@ -13,18 +13,20 @@ Config keys and the output layout: ``docs/engine.md``.
 """
 
 import models
+from raug.methods.metadata import fusion_spec, metadata_problems
 from raug.run.experiment import make_experiment
 from raug.train.method import Method, RunContext
 from raug.train.task import ClassificationTask
 
 
 def check_model(config):
-    """The model name is known (its ImageNet weights: the hook below, main command only)."""
+    """The model name is known and the metadata keys fit it (its ImageNet weights: the
+    hook below, main command only)."""
     try:
         models.canonical_name(config["_model_name"])
     except ValueError as exc:
         return [f"_model_name={config['_model_name']!r} is invalid: {exc}"]
-    return []
+    return metadata_problems(config, "_model_name")
 
 
 def teacher_task(ctx: RunContext) -> ClassificationTask:
@@ -34,6 +36,7 @@ def teacher_task(ctx: RunContext) -> ClassificationTask:
         num_classes=len(ctx.data.class_names),
         # a resumed run loads its own weights: no ImageNet file needed then
         pretrained=ctx.config["_pretrained"] and not ctx.config["_resume"],
+        fusion=fusion_spec(ctx.config, "_model_name"),
     )
     return ClassificationTask(model, ctx.data.class_weight)
 

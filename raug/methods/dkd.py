@@ -19,6 +19,7 @@ from torch import nn
 import models
 from kd_losses import DKD_FAMILY, DKDMethod, DKDWeights, d_kd, dkd_method
 from raug.methods.kd_config import dkd_checks
+from raug.methods.metadata import fusion_spec
 from raug.methods.teacher import frozen_forward, load_teacher
 from raug.train.distributed import gather_fields, own_rows
 from raug.train.method import Method
@@ -113,6 +114,7 @@ def dkd_task(ctx) -> DKDTask:
         num_classes=len(ctx.data.class_names),
         # a resumed run loads its own weights: no ImageNet file needed then
         pretrained=cfg["_pretrained"] and not cfg["_resume"],
+        fusion=fusion_spec(cfg, "_model_name_student"),  # the metadata keys describe the student
     )
     teacher = adapter = None
     if row.needs_teacher:

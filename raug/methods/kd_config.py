@@ -24,6 +24,7 @@ from kd_losses.weights import config_defaults, weight_problems
 from raug.data.loaders import CLASS_NAMES
 from raug.files.paths import RESULTS_DIR, resolve_repo_path
 from raug.isic2019 import DataError, split_hash
+from raug.methods.metadata import metadata_problems
 from raug.methods.teacher import (
     TeacherSummary,
     default_teacher_ckpt,
@@ -124,6 +125,8 @@ def kd_shared_checks(config: Mapping[str, Any]) -> Problems:
     path = config.get("_teacher_ckpt")
     if not (isinstance(path, str) and path):
         problems.append(f"_teacher_ckpt={path!r} is invalid: expected a checkpoint path")
+    # the metadata keys describe the student; the teacher's fusion is its checkpoint's
+    problems.extend(metadata_problems(config, "_model_name_student"))
     return problems
 
 

@@ -45,6 +45,7 @@ from kd_losses import (
 )
 from raug.files.paths import resolve_repo_path
 from raug.methods.kd_config import ssdkd_checks
+from raug.methods.metadata import fusion_spec
 from raug.methods.teacher import file_fingerprint, frozen_forward, load_teacher
 from raug.methods.teacher_head import (
     HEAD_FILE,
@@ -203,6 +204,7 @@ def ssdkd_task(ctx) -> SSDKDTask:
         cfg["_model_name_student"],
         num_classes=len(ctx.data.class_names),
         pretrained=cfg["_pretrained"] and not cfg["_resume"],
+        fusion=fusion_spec(cfg, "_model_name_student"),  # the metadata keys describe the student
     )
     adapter = None
     if SSD_KD.needs_adapter(weights):

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import models
 from raug.errors import ConfigError
 from raug.files.checkpoint import CheckpointError, is_project_checkpoint, load_checkpoint
 from raug.files.paths import default_save_folder, resolve_repo_path
+from raug.methods.metadata import teacher_metadata_problem
 from raug.train.engine import BEST_CHECKPOINT
 from raug.train.task import meta_kwargs
 
@@ -63,6 +64,8 @@ class TeacherSummary:
             classifier found); may disagree with a damaged file's ``num_classes``.
         quick: whether a ``quick`` smoke run trained it (its config's ``_quick``; ``None``:
             not recorded, e.g. runs before the key existed).
+        fusion: its metadata fusion (recorded, or read from the weights' shapes:
+            :func:`models.checkpoint_fusion`); image only when the network is unknown.
     """
 
     kind: str
@@ -74,6 +77,7 @@ class TeacherSummary:
     split_hash: str | None = None
     head_outputs: int | None = None
     quick: bool | None = None
+    fusion: models.FusionSpec = field(default_factory=models.FusionSpec)
 
 
 # classifier weights: project/seed layout, torchvision ResNet-50, torchvision MobileNet-V2
@@ -130,7 +134,15 @@ def summarize_checkpoint(ckpt: Mapping[str, Any]) -> TeacherSummary:
         split_hash=recorded_split_hash(meta),
         head_outputs=head_outputs,
         quick=config.get("_quick"),
+        fusion=_fusion_of(ckpt if kind != "state_dict" else sd, model_name),
     )
+
+
+def _fusion_of(ckpt: Mapping[str, Any], model_name: str | None) -> models.FusionSpec:
+    try:
+        return models.checkpoint_fusion(ckpt, model_name)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError):
+        return models.FusionSpec()  # not a network this toolkit builds: other checks say so
 
 
 def summary_problems(
@@ -162,6 +174,9 @@ def summary_problems(
     claimed = head_claim_problem(summary)
     if claimed:
         problems.append(f"_teacher_ckpt={source!r} {claimed}")
+    metadata = teacher_metadata_problem(source, summary.fusion)
+    if metadata:
+        problems.append(metadata)
     return problems
 
 
@@ -318,7 +333,8 @@ def load_teacher(
     if problems:
         raise ConfigError("invalid teacher:\n  " + "\n  ".join(problems))
     summary = inspect_teacher(resolved)
-    model = models.create_model(model_name, num_classes=len(class_names))
+    # the teacher's own fusion (its checkpoint's), whatever the student's keys say
+    model = models.create_model(model_name, num_classes=len(class_names), fusion=summary.fusion)
     try:
         models.load_weights(model, resolved)
     except (models.WeightsError, CheckpointError) as exc:
@@ -333,8 +349,9 @@ def load_teacher(
     if img_size is not None and summary.img_size is not None and summary.img_size != img_size:
         log.warning("the teacher %s was trained at %d px, this run uses _img_size=%d",
                     resolved, summary.img_size, img_size)
-    log.info("teacher %s (%s checkpoint, %s) loaded and frozen", resolved, summary.kind,
-             summary.model_name)
+    log.info("teacher %s (%s checkpoint, %s%s) loaded and frozen", resolved, summary.kind,
+             summary.model_name,
+             f", fuses metadata: {summary.fusion}" if summary.fusion.uses_metadata else "")
     return Teacher(freeze(model), resolved, summary)
 
 

@@ -36,20 +36,22 @@ def model_footprint(checkpoint: str | Path, latency_px: int = 224, repeats: int 
     size the run trained at), after warm-up.
     """
     ckpt = load_checkpoint(checkpoint)
-    model = models.create_model(ckpt["model_name"], ckpt["num_classes"])
+    fusion = models.checkpoint_fusion(ckpt, ckpt["model_name"])
+    model = models.create_model(ckpt["model_name"], ckpt["num_classes"], fusion=fusion)
     models.load_weights(model, ckpt)
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
     x = torch.randn(1, 3, latency_px, latency_px).contiguous(memory_format=torch.channels_last)
+    extra = (torch.zeros(1, fusion.meta_features),) if fusion.uses_metadata else ()
     model = model.to(memory_format=torch.channels_last)
     times = []
     with torch.inference_mode():
         for _ in range(3):
-            model(x)
+            model(x, *extra)
         for _ in range(repeats):
             start = time.perf_counter()
-            model(x)
+            model(x, *extra)
             times.append(time.perf_counter() - start)
     return {
         "model": ckpt["model_name"],

@@ -47,7 +47,12 @@ SHARED_CONFIG: dict[str, Any] = {
     "_use_wce": True,  # False: unweighted cross-entropy
     "_best_metric": "loss",  # or accuracy / balanced_accuracy / auc (validation)
     "_pretrained": True,  # ImageNet backbone from the local torch hub cache
+    # patient metadata fused with the image features (the seed's MetaBlock keys; they
+    # describe the network the script trains, a KD student; docs/metadata.md)
     "_use_meta_data": False,
+    "_comb_method": None,  # None / "concat" / "metablock" / "metanet"
+    "_comb_config": None,  # concat: M; metablock: [maps, M] or M; metanet: [M, hidden, maps] or M
+    "_neurons_reducer_block": 0,  # n > 0: Linear(C, n) + BN + ReLU + Dropout(0.5) before the classifier
     "_img_size": 224,
     "_device": "auto",  # auto / cpu / cuda / cuda:<i>
     # None (or "auto"): min(8, CPUs // processes on this node), see
@@ -166,11 +171,6 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     for key in ("_use_wce", "_pretrained", "_use_meta_data", "_channels_last", "_compile", "_resume",
                 "_sync_bn", "_gather_embeddings", "_cudnn_benchmark", "_tf32", "_quick"):
         need(isinstance(config[key], bool), key, "expected True or False")
-    if config["_use_meta_data"] is True:
-        problems.append(
-            "_use_meta_data=True is not supported: the networks take images only "
-            "(the dataset already provides batch['meta'] for a method that uses it)"
-        )
     for key in ("_base_path", "_save_folder"):
         need(isinstance(config[key], str) and config[key] != "", key, "expected a path")
     device_problem = check_device(config["_device"])
