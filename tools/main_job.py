@@ -8,50 +8,212 @@ Steps (each skipped when already done, so a rerun finishes an interrupted job):
 4. MobileNet-V2 student alone (``isic_d_kd.py`` with ``_kd_method="none"``);
 5. D-KD student (``isic_d_kd.py`` with ``_kd_method="d_kd"``);
 6. SSD-KD student (``isic_ssd_kd.py``);
-7. a comparison table read back from the Sacred runs (markdown, CSV, PNG chart).
+7. a comparison table read back from the Sacred runs (markdown, CSV, PNG chart):
+   mean ± sd per method over the seeds.
 
-Usage: ``bash tools/main.sh [--out results/main] [--data data/synthetic] [--device cpu]``.
+Steps 3-6 run once per seed 0..N-1 (``--seeds N``; the training ``seed``: initialisation,
+data order, augmentation; the dataset and its split stay fixed), each student distilled
+from the teacher of its own seed, so the spread includes the teacher's. Seed 0 uses the
+folders ``teacher``, ``student_none``, ...; seed s > 0 the same names with ``_seed<s>``.
+
+``--fast`` runs the same steps at a smaller size (400 images, fewer epochs, 3 seeds) for a
+first try or a busy machine. It keeps 64 px: on the shared 2-core CPU (one torch thread) a
+teacher epoch at 32 px took as long as at 64 px (17.8 s and 17.9 s; the per-batch work
+outside the convolutions dominates). At these sizes the networks, trained from scratch,
+stay near chance: the fast mode checks the pipeline and its timing, not the methods.
+
+Usage: ``bash tools/main.sh [--fast] [--seeds N] [--out DIR] [--data DIR] [--device cpu]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "experiment" / "isic"
-
-# Sized for about 11 minutes on 2 idle CPU cores (see README "Results of the main job").
-# 40 images per rare class keep the per-class test metrics from resting on 1-2 images.
-DATASET = {"num_images": 1000, "min_per_class": 40, "image_size": 96, "seed": 2019, "prep_size": 72}
-# Loader workers would compete with torch's threads for the 2 cores: load in-process.
-COMMON = ["_img_size=64", "_device={device}", "_num_workers=0", "seed=0"]
-STEPS = {
-    "teacher ResNet-50": ("isic.py", ["_epochs=18", "_batch_size=32", "_lr_init=0.002",
-                                      "_early_stop=6", "_sched_patience=2"]),
-    "student alone": ("isic_d_kd.py", ['_kd_method="none"', "_epochs=8", "_batch_size=32"]),
-    "D-KD student": ("isic_d_kd.py", ['_kd_method="d_kd"', "_lambd_drkd=1", "_lambd_crkd=1000",
-                                      "_epochs=8", "_batch_size=32"]),
-    "SSD-KD student": ("isic_ssd_kd.py", ['_kd_method="ssd_kd"', "_lambd_drkd=1", "_lambd_crkd=1000",
-                                          "_epochs=8", "_batch_size=16", "_epochs_tune=3"]),
-}
+TEACHER = "teacher ResNet-50"
 FOLDERS = {
-    "teacher ResNet-50": "teacher",
+    TEACHER: "teacher",
     "student alone": "student_none",
     "D-KD student": "student_d_kd",
     "SSD-KD student": "student_ssd_kd",
 }
+SCRIPT = {TEACHER: "isic.py", "student alone": "isic_d_kd.py", "D-KD student": "isic_d_kd.py",
+          "SSD-KD student": "isic_ssd_kd.py"}
+_KD_WEIGHTS = {"_lambd_drkd": 1, "_lambd_crkd": 1000}
 
 
-def banner(text: str) -> None:
-    """A visible step header."""
-    print(f"\n=== {text} ===", flush=True)
+@dataclass(frozen=True)
+class Mode:
+    """One size of the main job: the dataset to synthesize and each training step's config keys."""
+
+    name: str
+    dataset: dict
+    steps: dict[str, dict]
+    seeds: int
+    out: str
+    data: str
 
 
-def run(cmd: list[str]) -> None:
+# Sized for about 11 minutes on 2 idle CPU cores (see README "Results of the main job").
+# 40 images per rare class keep the per-class test metrics from resting on 1-2 images.
+FULL = Mode(
+    name="full",
+    dataset={"num_images": 1000, "min_per_class": 40, "image_size": 96, "seed": 2019, "prep_size": 72},
+    steps={
+        TEACHER: {"_epochs": 18, "_batch_size": 32, "_lr_init": 0.002, "_early_stop": 6, "_sched_patience": 2},
+        "student alone": {"_kd_method": "none", "_epochs": 8, "_batch_size": 32},
+        "D-KD student": {"_kd_method": "d_kd", **_KD_WEIGHTS, "_epochs": 8, "_batch_size": 32},
+        "SSD-KD student": {"_kd_method": "ssd_kd", **_KD_WEIGHTS, "_epochs": 8, "_batch_size": 16,
+                           "_epochs_tune": 3},
+    },
+    seeds=1, out="results/main", data="data/synthetic",
+)
+# A few minutes on 2 idle cores for all three seeds: the same steps with 40 % of the
+# images and about a third of the epochs.
+FAST_EPOCHS = {TEACHER: {"_epochs": 5}, "student alone": {"_epochs": 3}, "D-KD student": {"_epochs": 3},
+               "SSD-KD student": {"_epochs": 3, "_epochs_tune": 1}}
+FAST = replace(
+    FULL,
+    name="fast",
+    dataset={**FULL.dataset, "num_images": 400, "min_per_class": 16, "image_size": 80},
+    steps={label: {**config, **FAST_EPOCHS[label]} for label, config in FULL.steps.items()},
+    seeds=3, out="results/main_fast", data="data/synthetic_fast",
+)
+IMG_SIZE = 64
+
+# Expected times on an idle 2-core box. Basis: the full job on the 2-core development
+# machine (README "Results of the main job", 2026-11-28): seconds per epoch with the
+# 1,000-image dataset at 64 px, scaled linearly by the number of images and epochs.
+EPOCH_S = {TEACHER: 13.0, "student alone": 8.0, "D-KD student": 8.0, "SSD-KD student": 28.0}
+HEAD_EPOCH_S = 17.0  # SSD-KD phase 1 (teacher-head fit)
+START_S = 10.0  # per training: start-up, test evaluation and plots (estimate, not measured)
+DATA_S_PER_IMAGE = 0.01  # synthesis or preparation
+COMPARE_S_PER_SEED = 5.0  # four latency measurements and the table
+
+
+@dataclass(frozen=True)
+class Step:
+    """One printed, timed step of the job.
+
+    ``save_folder`` marks a training step (skipped when COMPLETED, resumed when
+    interrupted); ``done_file`` a step skipped when that file exists.
+    """
+
+    title: str
+    cmd: tuple[str, ...]
+    expected_s: float
+    save_folder: Path | None = None
+    done_file: Path | None = None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options; ``--out``/``--data``/``--seeds`` default by mode, so fast runs never reuse full ones."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true",
+                        help=f"small sizes, a few minutes on 2 idle cores (default --seeds {FAST.seeds})")
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help=f"train every step with seeds 0..N-1 and report mean ± sd "
+                             f"(default {FULL.seeds}; {FAST.seeds} with --fast)")
+    parser.add_argument("--data", type=Path, help="where the synthetic dataset is written and prepared "
+                        f"(default {FULL.data}; {FAST.data} with --fast)")
+    parser.add_argument("--out", type=Path, help="where the runs and the comparison go "
+                        f"(default {FULL.out}; {FAST.out} with --fast)")
+    parser.add_argument("--device", default="cpu", help="_device of every run (cpu, cuda, auto)")
+    args = parser.parse_args(argv)
+    mode = FAST if args.fast else FULL
+    args.seeds = mode.seeds if args.seeds is None else args.seeds
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    args.data = (args.data or REPO / mode.data).resolve()
+    args.out = (args.out or REPO / mode.out).resolve()
+    args.mode = mode
+    return args
+
+
+def save_folder(out: Path, label: str, seed: int) -> Path:
+    """``<out>/<folder>`` for seed 0 (the folders of a one-seed job), ``<out>/<folder>_seed<s>`` after."""
+    return out / (FOLDERS[label] if seed == 0 else f"{FOLDERS[label]}_seed{seed}")
+
+
+def overrides(config: dict) -> list[str]:
+    """Sacred ``with`` arguments: ``key=value`` with JSON values (strings double-quoted)."""
+    return [f"{key}={json.dumps(value)}" for key, value in config.items()]
+
+
+def training_expected_s(mode: Mode, label: str) -> float:
+    """Expected seconds of one training step on an idle 2-core box (all its epochs)."""
+    config = mode.steps[label]
+    epochs_s = config["_epochs"] * EPOCH_S[label] + config.get("_epochs_tune", 0) * HEAD_EPOCH_S
+    return START_S + epochs_s * mode.dataset["num_images"] / 1000
+
+
+def training_cmd(args: argparse.Namespace, label: str, seed: int) -> tuple[str, ...]:
+    """The command line of one training step (without ``_resume``, added when it is needed)."""
+    script = SCRIPT[label]
+    save = save_folder(args.out, label, seed)
+    cmd = [sys.executable, str(SCRIPTS / script), "with", *overrides(args.mode.steps[label]),
+           f"_img_size={IMG_SIZE}", f"_device={args.device}",
+           "_num_workers=0",  # loader workers would compete with torch's threads for the 2 cores
+           f"seed={seed}", f"_base_path={args.data}", f"_save_folder={save}",
+           "_pretrained=False"]  # no ImageNet weights offline: train from scratch
+    if script != "isic.py":
+        teacher = save_folder(args.out, TEACHER, seed) / "best-checkpoint" / "best-checkpoint.pth"
+        cmd.append(f"_teacher_ckpt={teacher}")
+    return tuple(cmd)
+
+
+def plan(args: argparse.Namespace) -> list[Step]:
+    """Every step before the comparison, in order: data, then the four trainings per seed."""
+    data, ds = args.data, args.mode.dataset
+    steps = [
+        Step("synthesize an ISIC 2019-format dataset",
+             (sys.executable, "data/ISIC2019/synthesize.py", "--root", str(data),
+              "--num-images", str(ds["num_images"]), "--image-size", str(ds["image_size"]),
+              "--seed", str(ds["seed"]), "--min-per-class", str(ds["min_per_class"])),
+             DATA_S_PER_IMAGE * ds["num_images"], done_file=data / "ISIC_2019_Training_GroundTruth.csv"),
+        # idempotent: a rerun checks the outputs and redoes no finished image work
+        Step("prepare it (run_preprocess.sh)",
+             ("bash", "run_preprocess.sh", "--root", str(data), "--size", str(ds["prep_size"])),
+             DATA_S_PER_IMAGE * ds["num_images"]),
+    ]
+    for seed in range(args.seeds):
+        for label in FOLDERS:
+            steps.append(Step(f"{label}, seed {seed} ({SCRIPT[label]})", training_cmd(args, label, seed),
+                              training_expected_s(args.mode, label), save_folder=save_folder(args.out, label, seed)))
+    return steps
+
+
+def compare_expected_s(args: argparse.Namespace) -> float:
+    """Expected seconds of the comparison step."""
+    return COMPARE_S_PER_SEED * args.seeds
+
+
+def minutes(seconds: float) -> str:
+    """``42 s`` or ``3.5 min``."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+@contextmanager
+def timed(title: str, expected_s: float) -> Iterator[None]:
+    """Print the step's header with its expected time, and its elapsed time when it ends."""
+    print(f"\n=== {title} (expected {minutes(expected_s)} on an idle 2-core box) ===", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"--- {title}: {minutes(time.perf_counter() - start)} (expected {minutes(expected_s)})",
+          flush=True)
+
+
+def run(cmd: tuple[str, ...]) -> None:
     """Run a command, streaming its output; stop the job on failure."""
     print("$ " + " ".join(cmd), flush=True)
     result = subprocess.run(cmd, cwd=REPO, check=False)
@@ -59,66 +221,64 @@ def run(cmd: list[str]) -> None:
         sys.exit(f"main job: step failed (exit {result.returncode}): {' '.join(cmd)}")
 
 
-def completed(save_folder: Path) -> bool:
-    """True when ``save_folder`` holds a COMPLETED Sacred run."""
+def completed(folder: Path) -> bool:
+    """True when ``folder`` holds a COMPLETED Sacred run."""
     from raug.report.runs import load_runs
 
-    if not save_folder.is_dir():
+    if not folder.is_dir():
         return False
-    runs = load_runs([save_folder])
+    runs = load_runs([folder])
     return bool((runs.get("status") == "COMPLETED").any()) if not runs.empty else False
+
+
+def execute(step: Step) -> None:
+    """Run ``step`` unless done; an interrupted training resumes from its last checkpoint."""
+    if step.done_file is not None and step.done_file.is_file():
+        print(f"reusing {step.done_file.parent}")
+        return
+    if step.save_folder is not None and completed(step.save_folder):
+        print(f"already COMPLETED in {step.save_folder}: skipped")
+        return
+    last = step.save_folder / "last-checkpoint" / "last-checkpoint.pth" if step.save_folder else None
+    resume = last is not None and last.is_file()
+    run(step.cmd + (("_resume=True",) if resume else ()))
+
+
+def load_note(expected_s: float) -> str:
+    """The expected total and the load average: on a busy machine every step takes longer."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"expected {minutes(expected_s)} in all on an idle 2-core box; this machine: "
+            f"{os.cpu_count()} CPUs, load average {load:.1f} (a load above the CPU count slows every step)")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Read the runs of this job's seeds back, print and save the mean ± sd comparison."""
+    from raug.report.aggregate import format_summary
+    from raug.report.runs import load_runs
+    from raug.report.seeds import per_seed_frame, summarize_methods, write_seed_comparison
+
+    folders = {seed: {label: save_folder(args.out, label, seed) for label in FOLDERS} for seed in range(args.seeds)}
+    per_seed = per_seed_frame(load_runs([args.out]), folders)
+    summary = summarize_methods(per_seed)
+    paths = write_seed_comparison(per_seed, summary, args.out)
+    print(format_summary(summary, "markdown", digits=3))
+    print("saved: " + ", ".join(str(p) for p in paths.values()))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the pipeline; print and save the comparison table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "synthetic",
-                        help="where the synthetic dataset is written and prepared")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "main",
-                        help="where the four runs and the comparison go")
-    parser.add_argument("--device", default="cpu", help="_device of every run (cpu, cuda, auto)")
-    args = parser.parse_args(argv)
-    data, out = args.data.resolve(), args.out.resolve()
+    args = parse_args(argv)
+    steps = plan(args)
+    total = len(steps) + 1
+    print(f"main job ({args.mode.name}, seeds 0..{args.seeds - 1}): {total} steps; "
+          + load_note(sum(s.expected_s for s in steps) + compare_expected_s(args)), flush=True)
     start = time.perf_counter()
-
-    banner("1/7 synthesize an ISIC 2019-format dataset")
-    if (data / "ISIC_2019_Training_GroundTruth.csv").is_file():
-        print(f"reusing {data}")
-    else:
-        run([sys.executable, "data/ISIC2019/synthesize.py", "--root", str(data),
-             "--num-images", str(DATASET["num_images"]), "--image-size", str(DATASET["image_size"]),
-             "--seed", str(DATASET["seed"]), "--min-per-class", str(DATASET["min_per_class"])])
-
-    banner("2/7 prepare it (run_preprocess.sh)")
-    # idempotent: a rerun checks the outputs and redoes no finished image work
-    run(["bash", "run_preprocess.sh", "--root", str(data), "--size", str(DATASET["prep_size"])])
-
-    teacher_ckpt = out / FOLDERS["teacher ResNet-50"] / "best-checkpoint" / "best-checkpoint.pth"
-    for i, (label, (script, overrides)) in enumerate(STEPS.items(), start=3):
-        save = out / FOLDERS[label]
-        banner(f"{i}/7 {label} ({script})")
-        if completed(save):
-            print(f"already COMPLETED in {save}: skipped")
-            continue
-        cmd = [sys.executable, str(SCRIPTS / script), "with", *overrides,
-               *(c.format(device=args.device) for c in COMMON),
-               f"_base_path={data}", f"_save_folder={save}"]
-        cmd.append("_pretrained=False")  # no ImageNet weights offline: train from scratch
-        if script != "isic.py":
-            cmd.append(f"_teacher_ckpt={teacher_ckpt}")
-        if (save / "last-checkpoint" / "last-checkpoint.pth").is_file():
-            cmd.append("_resume=True")  # an interrupted step continues where it stopped
-        run(cmd)
-
-    banner("7/7 comparison (read back from the Sacred runs)")
-    from raug.report.compare import comparison_frame, to_markdown, write_comparison
-    from raug.report.runs import load_runs
-
-    frame = comparison_frame(load_runs([out]), {k: out / v for k, v in FOLDERS.items()})
-    paths = write_comparison(frame, out)
-    print(to_markdown(frame))
-    print("saved: " + ", ".join(str(p) for p in paths.values()))
-    print(f"main job finished in {(time.perf_counter() - start) / 60:.1f} min")
+    for i, step in enumerate(steps, start=1):
+        with timed(f"{i}/{total} {step.title}", step.expected_s):
+            execute(step)
+    with timed(f"{total}/{total} comparison (read back from the Sacred runs)", compare_expected_s(args)):
+        compare(args)
+    print(f"main job finished in {minutes(time.perf_counter() - start)}")
     return 0
 
 

@@ -3,8 +3,8 @@
 :func:`model_footprint` measures what a portable device cares about for a
 checkpoint (parameters, fp32 size, CPU latency per image at batch 1);
 :func:`comparison_frame` joins it with the runs' test metrics (read back from
-the Sacred logs by :func:`raug.report.runs.load_runs`); :func:`write_comparison`
-saves the table as markdown and CSV and draws a bar chart PNG.
+the Sacred logs by :func:`raug.report.runs.load_runs`); :mod:`raug.report.seeds`
+reduces the rows of several seeds to mean ± sd and writes the tables and the chart.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pandas as pd
 import torch
 
 import models
-from raug.files.atomic import atomic_write_text
 from raug.files.checkpoint import load_checkpoint
 
 METRIC_COLUMNS = {
@@ -82,59 +81,3 @@ def comparison_frame(runs: pd.DataFrame, steps: Mapping[str, str | Path], latenc
         row.update(model_footprint(folder / "best-checkpoint" / "best-checkpoint.pth", latency_px))
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def to_markdown(frame: pd.DataFrame) -> str:
-    """A GitHub markdown table (3 decimals for metrics, 2 for sizes and times)."""
-    def cell(col: str, value) -> str:
-        if isinstance(value, float):
-            return f"{value:.3f}" if col in METRIC_COLUMNS.values() else f"{value:.2f}"
-        return str(value)
-
-    head = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(cell(c, v) for c, v in row.items()) + " |" for row in frame.to_dict("records")]
-    return "\n".join([head, rule, *body]) + "\n"
-
-
-def plot_comparison(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Grouped bar chart of the three test metrics per method, with sizes in the labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    metrics = list(METRIC_COLUMNS.values())
-    x = np.arange(len(frame))
-    width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(1.8 * len(frame) + 3, 4.2))
-    for i, metric in enumerate(metrics):
-        bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, frame[metric], width, label=metric)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    size_col = "size fp32 (MB)"
-    ax.set_xticks(x, [f"{m}\n({s:.0f} MB)" for m, s in zip(frame["method"], frame[size_col])])
-    ax.set_ylim(0, 1.05)
-    ax.axhline(1 / 8, color="grey", lw=0.8, ls="--", label="chance (8 classes)")
-    ax.set_ylabel("score on the test split")
-    ax.set_title("Teacher vs distilled students")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def write_comparison(frame: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
-    """``comparison.md``, ``comparison.csv`` and ``comparison.png`` in ``out_dir`` (atomic)."""
-    out_dir = Path(out_dir)
-    paths = {"markdown": out_dir / "comparison.md", "csv": out_dir / "comparison.csv",
-             "png": out_dir / "comparison.png"}
-    atomic_write_text(paths["markdown"], to_markdown(frame))
-    atomic_write_text(paths["csv"], frame.to_csv(index=False))
-    plot_comparison(frame, paths["png"])
-    return paths
