@@ -296,7 +296,10 @@ def test_onnx_export_round_trip_and_metadata(onnx_fp32, ckpt, model, images):
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    assert [i.name for i in proto.graph.input] == ["input"]  # image only: no metadata input
     meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert set(meta) == {"deploy_format", "deploy_format_version", "model_name", "class_names",
+                         "img_size", "normalization", "input", "output", "source_checkpoint"}
     assert meta["class_names"] == CLASSES
     assert meta["img_size"] == SIZE
     assert meta["model_name"] == "mobilenet"

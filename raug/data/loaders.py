@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from raug.data.transforms import apply_transform, eval_transform, train_transform
 from raug.isic2019.schema import CLASS_NAMES as SCHEMA_CLASS_NAMES
-from raug.isic2019.schema import SEX_VALUES, SITE_VALUES
+from raug.isic2019.tables import METADATA_COLUMNS, metadata_features
 
 # The prepared CSVs' vocabulary is defined once, by the preparation code.
 CLASS_NAMES: tuple[str, ...] = SCHEMA_CLASS_NAMES
-META_COLUMNS: tuple[str, ...] = ("age_approx", *SEX_VALUES, *SITE_VALUES)
+META_COLUMNS: tuple[str, ...] = METADATA_COLUMNS
 TRAIN_CSV = Path("train") / "ISIC2019_parsed_train.csv"
 TEST_CSV = Path("test") / "ISIC2019_parsed_test.csv"
 _REQUIRED = ("image", *META_COLUMNS, "diagnostic", "diagnostic_number")
@@ -229,9 +229,8 @@ class IsicDataset(Dataset):
         self.ids: list[str] = [str(i) for i in frame["image"]]
         self.paths = [_safe_image_path(self.img_dir, i, source) for i in self.ids]
         self.labels = frame["diagnostic_number"].to_numpy(dtype=np.int64)
-        meta = frame[list(META_COLUMNS)].to_numpy(dtype=np.float32).copy()
-        meta[:, 0] /= 100.0
-        self.meta = torch.from_numpy(meta)
+        # the encoding predict.py --metadata applies too (raug.isic2019.tables)
+        self.meta = torch.from_numpy(metadata_features(frame))
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -6,6 +6,8 @@ torch.export-based exporter, the default since torch 2.9; ``--exporter legacy`` 
 deprecated TorchScript-based one). The graph has one input ``input`` of shape
 ``(batch, 3, S, S)`` (NCHW, RGB, float32, normalised; ``batch`` is dynamic) and one output,
 by default ``probs`` (softmax probabilities), with ``--output logits`` the raw ``logits``.
+A network that fuses patient metadata has a second input ``metadata`` of shape
+``(batch, M)`` (float32, the prepared columns in order, named in the file's metadata).
 The metadata contract is in :mod:`raug.deploy.spec`.
 
 Every file is written to a temporary name, checked (``onnx.checker``), verified against the
@@ -39,17 +41,21 @@ import onnx
 import torch
 from torch import nn
 
+import models
 from raug.deploy.filekind import TORCHSCRIPT_META, is_deploy_onnx, is_deploy_torchscript
 from raug.deploy.images import DEFAULT_PREPARE_SIZE
-from raug.deploy.onnx_backend import make_session
+from raug.deploy.onnx_backend import make_session, read_metadata
 from raug.deploy.predict import parse_prepare_size
 from raug.deploy.safety import InputGuard, Output, check_outputs, command_error, os_error_line
 from raug.deploy.spec import (
     AUTO_PREPARE_SIZE,
     INPUT_NAME,
+    METADATA_INPUT,
     OUTPUT_KINDS,
     ModelSpec,
     SpecError,
+    onnx_feeds,
+    spec_from_metadata,
     spec_to_metadata,
 )
 from raug.deploy.torch_backend import load_model
@@ -79,10 +85,25 @@ class DeployHead(nn.Module):
         self.model = model
         self.output_kind = output_kind
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, K)`` probabilities or logits."""
-        logits = self.model(x)
+    @property
+    def meta_features(self) -> int:
+        """M, the width of the metadata input (0: image only)."""
+        fusion = getattr(self.model, "fusion", models.FusionSpec())
+        return fusion.meta_features if fusion.uses_metadata else 0
+
+    def forward(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, K)`` probabilities or logits (``meta`` (N, M) exactly when fused)."""
+        logits = self.model(x, meta)
         return torch.softmax(logits, dim=1) if self.output_kind == "probs" else logits
+
+    def example_inputs(self, img_size: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
+        """Zeros of the network's input shapes: ``(images,)`` or ``(images, metadata)``."""
+        images = torch.zeros(batch, 3, img_size, img_size)
+        return (images, torch.zeros(batch, self.meta_features)) if self.meta_features else (images,)
+
+    def input_names(self) -> list[str]:
+        """The ONNX input names, in :meth:`forward`'s order."""
+        return [INPUT_NAME, METADATA_INPUT] if self.meta_features else [INPUT_NAME]
 
 
 def _cpu_head(model: nn.Module, output_kind: str) -> DeployHead:
@@ -90,22 +111,32 @@ def _cpu_head(model: nn.Module, output_kind: str) -> DeployHead:
     return DeployHead(copy.deepcopy(model).cpu().float(), output_kind).eval()
 
 
-def _verify_inputs(img_size: int, seed: int = 0) -> list[np.ndarray]:
+def _verify_inputs(
+    img_size: int, meta_features: int = 0, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Random images (standard normal) and, for fused networks, metadata in [0, 1)."""
     rng = np.random.default_rng(seed)
     return [
-        rng.standard_normal((n, 3, img_size, img_size)).astype(np.float32) for n in VERIFY_BATCHES
+        (rng.standard_normal((n, 3, img_size, img_size)).astype(np.float32),
+         rng.random((n, meta_features), dtype=np.float32) if meta_features else None)
+        for n in VERIFY_BATCHES
     ]
 
 
-def _reference(head: DeployHead, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+def _reference(
+    head: DeployHead, inputs: Sequence[tuple[np.ndarray, np.ndarray | None]]
+) -> list[np.ndarray]:
     with torch.inference_mode():
-        return [head(torch.from_numpy(x)).numpy() for x in inputs]
+        return [head(*(torch.from_numpy(a) for a in pair if a is not None)).numpy()
+                for pair in inputs]
 
 
 def onnx_proto(
     head: DeployHead, img_size: int, opset: int | None = None, dynamo: bool = True
 ) -> onnx.ModelProto:
-    """Trace ``head`` into an ONNX model with a dynamic batch axis (no metadata yet).
+    """Trace ``head`` into an ONNX model with a dynamic batch axis (no metadata_props yet).
+
+    Fused networks get a second input, the patient metadata, with the same batch axis.
 
     Args:
         head: the CPU model with its output convention.
@@ -117,21 +148,29 @@ def onnx_proto(
     Returns:
         The ONNX model.
     """
-    example = torch.zeros(2, 3, img_size, img_size)
-    names = {"input_names": [INPUT_NAME], "output_names": [head.output_kind]}
+    example = head.example_inputs(img_size)
+    names = {"input_names": head.input_names(), "output_names": [head.output_kind]}
     if dynamo:
-        program = torch.onnx.export(
-            head, (example,), None, dynamo=True, opset_version=opset, verbose=False,
-            dynamic_shapes=({0: torch.export.Dim("batch")},), **names,
-        )
+        batch = torch.export.Dim("batch")
+        with warnings.catch_warnings():
+            # Two inputs share the batch axis; the exporter says it names it only once.
+            warnings.filterwarnings("ignore", "# The axis name: batch will not be used")
+            program = torch.onnx.export(
+                head, example, None, dynamo=True, opset_version=opset, verbose=False,
+                dynamic_shapes=tuple({0: batch} for _ in example), **names,
+            )
         return program.model_proto
     buf = io.BytesIO()
+    axes = {name: {0: "batch"} for name in [*names["input_names"], head.output_kind]}
     with warnings.catch_warnings():
         # The legacy exporter is deprecated; the user asked for it explicitly.
         warnings.simplefilter("ignore", DeprecationWarning)
+        # The fusion's shape check on the metadata reads sizes; verification on batches of
+        # 1 and 3 shows the trace generalises.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"models\.fusion")
         torch.onnx.export(
-            head, (example,), buf, dynamo=False, opset_version=opset or 17,
-            dynamic_axes={INPUT_NAME: {0: "batch"}, head.output_kind: {0: "batch"}}, **names,
+            head, example, buf, dynamo=False, opset_version=opset or 17, dynamic_axes=axes,
+            **names,
         )
     return onnx.load_from_string(buf.getvalue())
 
@@ -156,7 +195,8 @@ def verify_onnx(
     tol: float = DEFAULT_TOL,
     label: str | os.PathLike | None = None,
 ) -> float:
-    """Compare onnxruntime (CPU) with PyTorch on random batches of 1 and 3.
+    """Compare onnxruntime (CPU) with PyTorch on random batches of 1 and 3 (with random
+    metadata for a fused network, fed as the file's own metadata_props say).
 
     Args:
         path: the ONNX file.
@@ -172,11 +212,12 @@ def verify_onnx(
         ExportError: the difference exceeds ``tol`` or the output shape is wrong.
     """
     label = label or path
-    inputs = _verify_inputs(img_size)
+    inputs = _verify_inputs(img_size, head.meta_features)
     session = make_session(path, "cpu")
+    spec = spec_from_metadata(read_metadata(path), str(label))
     worst = 0.0
-    for x, ref in zip(inputs, _reference(head, inputs), strict=True):
-        (out,) = session.run([head.output_kind], {INPUT_NAME: x})
+    for (x, meta), ref in zip(inputs, _reference(head, inputs), strict=True):
+        (out,) = session.run([head.output_kind], onnx_feeds(spec, x, meta))
         if out.shape != ref.shape:
             raise ExportError(
                 f"{label}: output shape {out.shape} for input {x.shape}, want {ref.shape}"
@@ -248,16 +289,14 @@ def export_torchscript(
     def write_and_verify(tmp: Path) -> None:
         with torch.no_grad():
             # check_trace=False: the reloaded file is compared with eager PyTorch below anyway.
-            traced = torch.jit.trace(
-                head, torch.zeros(2, 3, spec.img_size, spec.img_size), check_trace=False
-            )
+            traced = torch.jit.trace(head, head.example_inputs(spec.img_size), check_trace=False)
         torch.jit.save(traced, str(tmp), _extra_files=extra)
         loaded = torch.jit.load(str(tmp), map_location="cpu")
-        inputs = _verify_inputs(spec.img_size)
+        inputs = _verify_inputs(spec.img_size, head.meta_features)
         worst = 0.0
         with torch.no_grad():
-            for x, ref in zip(inputs, _reference(head, inputs), strict=True):
-                out = loaded(torch.from_numpy(x)).numpy()
+            for pair, ref in zip(inputs, _reference(head, inputs), strict=True):
+                out = loaded(*(torch.from_numpy(a) for a in pair if a is not None)).numpy()
                 worst = max(worst, output_difference(out, ref, spec.output_kind))
         if not worst <= tol:
             raise ExportError(f"{out}: TorchScript differs from PyTorch by {worst:.3e} > {tol:.0e}")
@@ -296,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--calibration", metavar="IMAGE_DIR",
         help="images for static int8 calibration (without: dynamic quantisation)",
+    )
+    parser.add_argument(
+        "--calibration-metadata", metavar="CSV",
+        help="models with metadata fusion: the calibration images' metadata in the official "
+        "format (e.g. ISIC_2019_Training_Metadata.csv), encoded as tools/predict.py --metadata",
     )
     parser.add_argument(
         "--calibration-limit", type=int, default=256, help="max calibration images (default 256)"
@@ -343,20 +387,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.calibration and not args.quantize:
         return command_error("--calibration needs --quantize int8")
+    if args.calibration_metadata and not args.calibration:
+        return command_error("--calibration-metadata needs --calibration IMAGE_DIR")
     int8_out = None
     if args.quantize:
         int8_out = Path(args.int8_out) if args.int8_out else default_int8_path(args.out)
     folders = [("the calibration folder", Path(args.calibration))] if args.calibration else []
-    guard = InputGuard([("the checkpoint", Path(args.checkpoint))], folders)
+    files = [("the checkpoint", Path(args.checkpoint))]
+    if args.calibration_metadata:
+        files.append(("the calibration metadata", Path(args.calibration_metadata)))
+    guard = InputGuard(files, folders)
     try:
         int8_label = "--int8-out" if args.int8_out else "the int8 output (--int8-out to rename)"
         outputs = planned_outputs(args.out, args.torchscript, int8_out, int8_label)
         check_outputs(outputs, guard, args.force)
         model, spec = load_model(args.checkpoint, "cpu", output_kind=args.output)
         n_params = sum(p.numel() for p in model.parameters())
+        fused = f", metadata fusion {dict(spec.fusion)}" if spec.uses_metadata else ""
         print(
             f"checkpoint {args.checkpoint}: {spec.model_name}, {n_params:,} parameters, "
-            f"{spec.num_classes} classes {list(spec.class_names)}, {spec.img_size} px",
+            f"{spec.num_classes} classes {list(spec.class_names)}, {spec.img_size} px{fused}",
             file=sys.stderr,
         )
         print(f"exporting ONNX ({args.exporter} exporter) ...", file=sys.stderr)
@@ -380,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 calib = calibration_inputs(
                     args.calibration, spec, args.calibration_limit,
                     progress=not args.no_progress, prepare_size=args.prepare_size,
+                    metadata=args.calibration_metadata,
                 )
             report = quantize_onnx(args.out, int8_out, calib)
             print(report.summary(), file=sys.stderr)

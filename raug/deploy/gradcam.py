@@ -27,13 +27,16 @@ from raug.deploy.filekind import OVERLAY_SOFTWARE
 from raug.files.atomic import atomic_write_bytes
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, classes: Sequence[int], meta: torch.Tensor | None = None
+) -> torch.Tensor:
     """Grad-CAM maps at feature-map resolution.
 
     Args:
         model: a project model (``forward_features`` / ``forward_head``), in eval mode.
         x: ``(N, 3, S, S)`` preprocessed inputs on the model's device.
         classes: the class to explain for each of the N inputs.
+        meta: ``(N, M)`` metadata of a fused model (it enters the head, after the map).
 
     Returns:
         ``(N, h, w)`` float tensor in [0, 1] (all zeros where no location supports the class).
@@ -47,7 +50,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, classes: Sequence[int]) -> torch
         feats = model.forward_features(x)
     feats = feats.clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = model.forward_head(feats)
+        logits = model.forward_head(feats, meta=meta)
         index = torch.as_tensor(list(classes), device=logits.device).view(-1, 1)
         score = logits.gather(1, index).sum()
         (grads,) = torch.autograd.grad(score, feats)

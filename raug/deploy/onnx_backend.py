@@ -10,7 +10,14 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from raug.deploy.spec import INPUT_NAME, ModelSpec, SpecError, spec_from_metadata
+from raug.deploy.spec import (
+    INPUT_NAME,
+    METADATA_INPUT,
+    ModelSpec,
+    SpecError,
+    onnx_feeds,
+    spec_from_metadata,
+)
 
 # What onnxruntime raises for unreadable or unsupported model files (none derive from a
 # common base other than Exception).
@@ -135,14 +142,19 @@ class OnnxPredictor:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.spec: ModelSpec = spec_from_metadata(meta, str(self.path))
         inputs = [i.name for i in self.session.get_inputs()]
-        if inputs != [INPUT_NAME]:
-            raise SpecError(f"{self.path}: expected one input named {INPUT_NAME!r}, got {inputs}")
+        expected = [INPUT_NAME, METADATA_INPUT] if self.spec.uses_metadata else [INPUT_NAME]
+        if inputs != expected:
+            raise SpecError(f"{self.path}: expected input(s) {expected}, got {inputs}")
 
-    def predict_probs(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities for a preprocessed ``(N, 3, S, S)`` float32 batch.
+    def predict_probs(self, batch: np.ndarray, meta: np.ndarray | None = None) -> np.ndarray:
+        """Class probabilities for a preprocessed ``(N, 3, S, S)`` float32 batch (and its
+        ``(N, M)`` float32 metadata, exactly when the model fuses them).
 
         Returns:
             ``(N, K)`` float32 probabilities (softmax applied here for ``logits`` models).
         """
-        (out,) = self.session.run([self.spec.output_name], {INPUT_NAME: batch.astype(np.float32)})
+        feeds = onnx_feeds(
+            self.spec, batch.astype(np.float32), None if meta is None else meta.astype(np.float32)
+        )
+        (out,) = self.session.run([self.spec.output_name], feeds)
         return out.astype(np.float32) if self.spec.output_kind == "probs" else softmax(out)

@@ -11,8 +11,15 @@ never replaces an input, the model or a file in the image folder, replaces an ex
 only when this toolkit wrote it (or with ``--force``), and its folder must be writable. When
 no image can be read, nothing is written.
 
+A model that fuses patient metadata needs ``--metadata CSV`` (the official metadata format,
+encoded exactly as preparation encodes it, see :mod:`raug.deploy.metadata`); without it the
+command stops. An image-only model given ``--metadata`` also stops (it would silently ignore
+the metadata the user meant it to use). Images without a metadata row, missing and unknown
+values are counted in a summary line and, in the default format, named per image in a last
+column ``metadata``.
+
 This module imports torch only inside the ``.pth`` branch (:func:`load_predictor`), so ONNX
-prediction runs where torch is not installed.
+prediction runs where torch is not installed (and pandas only with ``--metadata``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image
@@ -64,6 +71,9 @@ from raug.deploy.submission import (
 )
 from raug.files.atomic import atomic_write_text
 
+if TYPE_CHECKING:
+    from raug.deploy.metadata import MetadataTable
+
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt")
 
 class Predictor(Protocol):
@@ -72,8 +82,8 @@ class Predictor(Protocol):
     spec: ModelSpec
     supports_explain: bool
 
-    def predict_probs(self, batch: np.ndarray) -> np.ndarray:
-        """``(N, K)`` float32 probabilities for a preprocessed NCHW batch."""
+    def predict_probs(self, batch: np.ndarray, meta: np.ndarray | None = None) -> np.ndarray:
+        """``(N, K)`` float32 probabilities for a preprocessed NCHW batch (and its metadata)."""
         ...
 
 
@@ -87,12 +97,18 @@ class PredictionResult:
         paths: their files.
         probs: ``(N, K)`` float32 probabilities.
         failed: ``(path, reason)`` for every skipped file.
+        meta: ``(N, M)`` metadata fed with the images (``None``: image-only model).
+        metadata_gaps: per image, what its metadata lacked (:mod:`raug.deploy.metadata`).
+        metadata_notes: the metadata CSV's warnings, then the gap summary line.
     """
 
     names: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    meta: np.ndarray | None = None
+    metadata_gaps: list[tuple[str, ...]] | None = None
+    metadata_notes: list[str] = field(default_factory=list)
 
 
 class NothingPredictedError(RuntimeError):
@@ -151,22 +167,25 @@ def load_predictor(model_path: str | os.PathLike, device: str = "cpu") -> Predic
     )
 
 
-def predict_batch(predictor: Predictor, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+def predict_batch(
+    predictor: Predictor, batch: np.ndarray, tta: bool = False, meta: np.ndarray | None = None
+) -> np.ndarray:
     """Probabilities for a preprocessed batch, averaged over the 8 dihedral views with ``tta``.
 
     Args:
         predictor: the backend.
         batch: ``(N, 3, S, S)`` float32 network inputs.
         tta: average over :data:`~raug.deploy.preprocess.TTA_VIEWS`.
+        meta: ``(N, M)`` metadata of a fused model (every view shares its image's metadata).
 
     Returns:
         ``(N, K)`` float32 probabilities (rows sum to 1).
     """
     if not tta:
-        return predictor.predict_probs(batch)
+        return predictor.predict_probs(batch, meta)
     total = np.zeros((batch.shape[0], predictor.spec.num_classes), np.float64)
     for _name, turns, flip in TTA_VIEWS:
-        total += predictor.predict_probs(tta_view(batch, turns, flip))
+        total += predictor.predict_probs(tta_view(batch, turns, flip), meta)
     return (total / len(TTA_VIEWS)).astype(np.float32)
 
 
@@ -179,6 +198,7 @@ def predict_images(
     progress: bool = True,
     prepare_size: int | str | None = AUTO_PREPARE_SIZE,
     ids: Sequence[str] | None = None,
+    meta: np.ndarray | None = None,
 ) -> PredictionResult:
     """Predict every readable image; unreadable ones are skipped (and reported on stderr
     as they come while the progress bar is shown).
@@ -194,6 +214,7 @@ def predict_images(
             in px, see :func:`~raug.deploy.images.load_rgb`); ``None``: do not; ``"auto"``:
             as the model's training data (:func:`resolve_prepare_size`).
         ids: one image id per path (default: the file stems).
+        meta: ``(len(paths), M)`` metadata, one row per path (fused models only).
 
     Returns:
         The predictions and the list of skipped files.
@@ -205,22 +226,25 @@ def predict_images(
     prepare_size = resolve_prepare_size(prepare_size, spec)
     result = PredictionResult()
     chunks: list[np.ndarray] = []
-    pending: list[tuple[Path, str, np.ndarray]] = []
+    pending: list[tuple[Path, str, np.ndarray, int]] = []
+    rows: list[int] = []
 
     def flush() -> None:
         if pending:
-            batch = np.stack([x for _, _, x in pending])
-            chunks.append(predict_batch(predictor, batch, tta))
-            for path, name, _ in pending:
+            batch = np.stack([x for _, _, x, _ in pending])
+            batch_meta = None if meta is None else meta[[row for *_, row in pending]]
+            chunks.append(predict_batch(predictor, batch, tta, batch_meta))
+            for path, name, _, row in pending:
                 result.paths.append(path)
                 result.names.append(name)
+                rows.append(row)
             pending.clear()
 
     bar = tqdm(
         list(zip(paths, ids, strict=True)), desc="predict", unit="img", disable=not progress,
         file=sys.stderr,
     )
-    for path, name in bar:
+    for row, (path, name) in enumerate(bar):
         try:
             rgb = load_rgb(path, max_pixels=max_pixels, prepare_size=prepare_size)
         except ImageLoadError as exc:
@@ -228,11 +252,13 @@ def predict_images(
             if progress:  # live, between bar updates; without the bar main() lists them once
                 tqdm.write(f"skipped {path}: {exc.reason}", file=sys.stderr)
             continue
-        pending.append((path, name, preprocess(rgb, spec.img_size, spec.mean, spec.std)))
+        pending.append((path, name, preprocess(rgb, spec.img_size, spec.mean, spec.std), row))
         if len(pending) == batch_size:
             flush()
     flush()
     bar.close()
+    if meta is not None:
+        result.meta = meta[rows]
     if chunks:
         result.probs = np.concatenate(chunks).astype(np.float32)
     else:
@@ -256,10 +282,16 @@ def planned_outputs(
 
 
 def input_guard(
-    model: str | os.PathLike, images: Sequence[str | os.PathLike], paths: Sequence[Path]
+    model: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    paths: Sequence[Path],
+    metadata: str | os.PathLike | None = None,
 ) -> InputGuard:
-    """The inputs no output may replace: the model, every image, every image folder."""
+    """The inputs no output may replace: the model, the metadata CSV, every image, every
+    image folder."""
     files = [("the model", Path(model)), *(("the input image", p) for p in paths)]
+    if metadata is not None:
+        files.append(("the metadata CSV", Path(metadata)))
     folders = [("the image folder", Path(p)) for p in images if Path(p).is_dir()]
     return InputGuard(files, folders)
 
@@ -278,6 +310,7 @@ def run(
     fmt: str = DEFAULT_FORMAT,
     unk_threshold: float | None = None,
     force: bool = False,
+    metadata: str | os.PathLike | None = None,
 ) -> PredictionResult:
     """Predict ``images`` with ``model`` and write the CSV (and Grad-CAM overlays) atomically.
 
@@ -299,12 +332,15 @@ def run(
         fmt: ``"default"`` or ``"isic2019"`` (see :mod:`raug.deploy.submission`).
         unk_threshold: ISIC format only: UNK = 1 - max(p) below this top probability.
         force: replace existing files this toolkit did not write (never inputs).
+        metadata: the images' metadata CSV (official format), for a model that fuses
+            patient metadata; required for such a model, refused for an image-only one.
 
     Returns:
         The predictions, including the skipped files.
 
     Raises:
-        SpecError: bad model file; ``--explain`` with an ONNX model.
+        SpecError: bad model file; ``--explain`` with an ONNX model; a fused model without
+            ``metadata`` or an image-only one with it.
         FileNotFoundError: an image path does not exist.
         OutputError: a refused or unwritable output path.
         ValueError: clashing image ids, a model without ISIC classes for ``isic2019``.
@@ -318,8 +354,10 @@ def run(
     if not paths:
         raise FileNotFoundError(f"no image files found in {[str(p) for p in images]}")
     ids = image_ids(paths, keep_extension=fmt == DEFAULT_FORMAT)
-    check_outputs(planned_outputs(out, explain_dir, ids), input_guard(model, images, paths), force)
+    guard = input_guard(model, images, paths, metadata)
+    check_outputs(planned_outputs(out, explain_dir, ids), guard, force)
     predictor = load_predictor(model, device=device)
+    check_metadata_option(predictor.spec, model, metadata)
     prepare_size = resolve_prepare_size(prepare_size, predictor.spec)
     if explain_dir is not None and not predictor.supports_explain:
         raise SpecError(
@@ -328,12 +366,20 @@ def run(
         )
     if fmt == ISIC2019_FORMAT:
         isic2019_class_index(predictor.spec.class_names)  # refuse before predicting
+    table = _read_metadata(metadata)
+    # Matched by file stem, the ISIC image id (the default format's ids may keep extensions).
+    meta, gaps = table.lookup([path.stem for path in paths]) if table else (None, None)
     result = predict_images(
-        predictor, paths, batch_size, tta, max_pixels, progress, prepare_size, ids
+        predictor, paths, batch_size, tta, max_pixels, progress, prepare_size, ids, meta
     )
     if not result.names:
         raise NothingPredictedError(result.failed, out)
-    text = render(fmt, result.names, result.probs, predictor.spec.class_names, unk_threshold)
+    if table is not None:
+        by_path = dict(zip(paths, gaps, strict=True))
+        result.metadata_gaps = [by_path[path] for path in result.paths]
+        result.metadata_notes = [*table.warnings, table.summary(result.metadata_gaps)]
+    text = render(fmt, result.names, result.probs, predictor.spec.class_names, unk_threshold,
+                  result.metadata_gaps)
     try:
         atomic_write_text(out, text)
     except OSError as exc:
@@ -348,10 +394,47 @@ def run(
                 progress=progress,
                 prepare_size=prepare_size,
                 names=result.names,
+                meta=result.meta,
             )
         except OSError as exc:
             raise OutputError(write_failure(exc.filename or explain_dir, exc)) from exc
     return result
+
+
+def check_metadata_option(
+    spec: ModelSpec, model: str | os.PathLike, metadata: str | os.PathLike | None
+) -> None:
+    """A fused model needs ``--metadata``; an image-only model would ignore it: refuse both.
+
+    Raises:
+        SpecError: one line naming the model and what to do.
+    """
+    if spec.uses_metadata and metadata is None:
+        columns = ", ".join(spec.metadata_input.get("columns", ()))
+        raise SpecError(
+            f"{model} fuses patient metadata ({spec.fusion.get('method')}: {columns}): give "
+            "--metadata CSV in the official format (columns image, age_approx, "
+            "anatom_site_general, sex)"
+        )
+    if not spec.uses_metadata and metadata is not None:
+        raise SpecError(
+            f"--metadata {metadata}: {model} is an image-only model (no metadata fusion) and "
+            "would ignore it; drop --metadata or use a model trained with _use_meta_data=True"
+        )
+    if metadata is not None:
+        from raug.deploy.metadata import check_model_columns
+
+        check_model_columns(spec, str(model))
+
+
+def _read_metadata(metadata: str | os.PathLike | None) -> MetadataTable | None:
+    """The encoded metadata CSV (``None`` without one)."""
+    if metadata is None:
+        return None
+    # Lazy: pandas (through the preparation code) only when metadata is used.
+    from raug.deploy.metadata import read_metadata_csv
+
+    return read_metadata_csv(metadata)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--explain", metavar="DIR", help="write Grad-CAM overlays here (.pth only)")
+    parser.add_argument(
+        "--metadata", metavar="CSV",
+        help="patient metadata for models that fuse it, in the official ISIC 2019 format "
+        "(image, age_approx, anatom_site_general, sex); encoded as preparation does, images "
+        "matched by file stem; required for such models, refused for image-only ones",
+    )
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
         help=f"refuse larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})",
@@ -447,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model, args.images, args.out, tta=args.tta, batch_size=args.batch_size,
             device=args.device, explain_dir=args.explain, max_pixels=args.max_pixels,
             progress=progress, prepare_size=args.prepare_size, fmt=args.fmt,
-            unk_threshold=args.unk_threshold, force=args.force,
+            unk_threshold=args.unk_threshold, force=args.force, metadata=args.metadata,
         )
     except NothingPredictedError as exc:
         if not progress and len(exc.failed) > 1:
@@ -464,6 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f"; skipped {len(result.failed)} unreadable file(s)" if result.failed else ""),
         file=sys.stderr,
     )
+    for note in result.metadata_notes[:-1]:
+        print(f"warning: {note}", file=sys.stderr)
+    if result.metadata_notes:
+        print(result.metadata_notes[-1], file=sys.stderr)
     if not progress:  # with the bar they were reported as they came
         _print_skipped(result.failed)
     return 1 if result.failed else 0

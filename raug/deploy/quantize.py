@@ -13,6 +13,14 @@
 
 The int8 file keeps the fp32 file's metadata (:mod:`raug.deploy.spec`) plus a
 ``quantization`` entry, so :class:`~raug.deploy.onnx_backend.OnnxPredictor` reads both alike.
+
+Models that fuse patient metadata take inputs as a dict ``{"input": images, "metadata":
+meta}`` wherever image-only models take an image array (:data:`Inputs`). Static
+calibration then needs each calibration image's metadata: :func:`calibration_inputs` reads
+it from an official-format metadata CSV (``--calibration-metadata``; for training images
+``ISIC_2019_Training_Metadata.csv``), encoded like prediction does
+(:mod:`raug.deploy.metadata`), so the calibrated ranges of the fusion layers are those of
+real patients rather than of made-up metadata.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -38,7 +46,7 @@ from raug.deploy.images import (
 )
 from raug.deploy.onnx_backend import OnnxPredictor, read_metadata
 from raug.deploy.preprocess import preprocess
-from raug.deploy.spec import INPUT_NAME, ModelSpec, file_sha256
+from raug.deploy.spec import INPUT_NAME, METADATA_INPUT, ModelSpec, file_sha256, onnx_feeds
 from raug.files.atomic import atomic_write_with
 
 
@@ -60,6 +68,21 @@ def _import_ort_quantization() -> tuple[ModuleType, Callable[..., None]]:
 
 
 _ORT_QUANT, _quant_pre_process = _import_ort_quantization()
+
+#: Model inputs: an image array ``(N, 3, S, S)``, or ``{input name: array}`` with the
+#: metadata ``(N, M)`` of a fused model.
+Inputs = np.ndarray | Mapping[str, np.ndarray]
+
+
+def _as_feeds(inputs: Inputs) -> dict[str, np.ndarray]:
+    return {INPUT_NAME: inputs} if isinstance(inputs, np.ndarray) else dict(inputs)
+
+
+def _slices(inputs: Inputs, size: int) -> list[dict[str, np.ndarray]]:
+    """``inputs`` cut into feeds of ``size`` rows."""
+    feeds = _as_feeds(inputs)
+    total = len(feeds[INPUT_NAME])
+    return [{name: a[i : i + size] for name, a in feeds.items()} for i in range(0, total, size)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,18 +131,17 @@ class ArrayCalibrationReader(_ORT_QUANT.CalibrationDataReader):
     """Feeds preprocessed inputs to onnxruntime's calibrator in batches.
 
     Args:
-        inputs: ``(N, 3, S, S)`` float32 network inputs.
+        inputs: ``(N, 3, S, S)`` float32 network inputs, or feeds with the metadata too.
         batch_size: inputs per calibration step.
     """
 
-    def __init__(self, inputs: np.ndarray, batch_size: int = 8) -> None:
-        self._batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
-        self._iter: Iterator[np.ndarray] = iter(self._batches)
+    def __init__(self, inputs: Inputs, batch_size: int = 8) -> None:
+        self._batches = _slices(inputs, batch_size)
+        self._iter: Iterator[dict[str, np.ndarray]] = iter(self._batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         """Next ``{input_name: batch}`` or ``None`` when exhausted."""
-        batch = next(self._iter, None)
-        return None if batch is None else {INPUT_NAME: batch}
+        return next(self._iter, None)
 
     def rewind(self) -> None:
         """Start again from the first batch."""
@@ -133,7 +155,8 @@ def calibration_inputs(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     prepare_size: int | str | None = "auto",
-) -> np.ndarray:
+    metadata: str | os.PathLike | None = None,
+) -> Inputs:
     """Preprocess the images under ``folder`` exactly as prediction does.
 
     Args:
@@ -144,15 +167,26 @@ def calibration_inputs(
         progress: show a tqdm bar.
         prepare_size: shrink like the data preparation first (as prediction does; ``"auto"``:
             as the model's training data, see :func:`raug.deploy.predict.resolve_prepare_size`).
+        metadata: official-format metadata CSV of the images (fused models only; images are
+            matched by file stem, see :mod:`raug.deploy.metadata`).
 
     Returns:
-        ``(N, 3, S, S)`` float32 inputs.
+        ``(N, 3, S, S)`` float32 inputs, or for a fused model ``{"input": those,
+        "metadata": (N, M) float32}``.
 
     Raises:
         FileNotFoundError: the folder is missing or holds no readable image.
+        ValueError: a fused model without ``metadata``, or ``metadata`` for an image-only one.
     """
     from raug.deploy.spec import resolve_prepare_size
 
+    if spec.uses_metadata != (metadata is not None):
+        raise ValueError(
+            f"--calibration-metadata: the {spec.model_name} model fuses patient metadata, so "
+            "static calibration needs the images' metadata CSV" if spec.uses_metadata else
+            f"--calibration-metadata: the {spec.model_name} model uses no patient metadata; "
+            "drop the option"
+        )
     prepare_size = resolve_prepare_size(prepare_size, spec)
     folder = Path(folder)
     if not folder.is_dir():
@@ -161,42 +195,64 @@ def calibration_inputs(
     if limit is not None and len(paths) > limit:
         # Even spread rather than the first N: folders are often sorted by class or source.
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
-    arrays = []
+    arrays, stems = [], []
     for path in tqdm(paths, desc="calibration", unit="img", disable=not progress, file=sys.stderr):
         try:
             rgb = load_rgb(path, max_pixels, prepare_size)
             arrays.append(preprocess(rgb, spec.img_size, spec.mean, spec.std))
+            stems.append(path.stem)
         except ImageLoadError as exc:
             tqdm.write(f"calibration skipped {path}: {exc.reason}", file=sys.stderr)
     if not arrays:
         raise FileNotFoundError(f"no readable calibration images in {folder}")
-    return np.stack(arrays)
+    if metadata is None:
+        return np.stack(arrays)
+    return {INPUT_NAME: np.stack(arrays), **_calibration_metadata(metadata, spec, stems)}
 
 
-def random_inputs(spec: ModelSpec, num: int = 16, seed: int = 0) -> np.ndarray:
-    """Standard-normal inputs of the model's shape (for comparisons without images)."""
+def _calibration_metadata(
+    path: str | os.PathLike, spec: ModelSpec, stems: list[str]
+) -> dict[str, np.ndarray]:
+    """The metadata feed of the calibration images, with its summary line on stderr."""
+    from raug.deploy.metadata import check_model_columns, read_metadata_csv
+
+    check_model_columns(spec, f"the {spec.model_name} model")
+    table = read_metadata_csv(path)
+    meta, gaps = table.lookup(stems)
+    for note in table.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"calibration {table.summary(gaps)}", file=sys.stderr)
+    return {METADATA_INPUT: meta}
+
+
+def random_inputs(spec: ModelSpec, num: int = 16, seed: int = 0) -> Inputs:
+    """Standard-normal images of the model's shape (for comparisons without images), with
+    metadata uniform in [0, 1) for a fused model."""
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((num, 3, spec.img_size, spec.img_size)).astype(np.float32)
+    images = rng.standard_normal((num, 3, spec.img_size, spec.img_size)).astype(np.float32)
+    if not spec.uses_metadata:
+        return images
+    meta = rng.random((num, len(spec.metadata_input["columns"])), dtype=np.float32)
+    return onnx_feeds(spec, images, meta)
 
 
 def compare_models(
-    reference: str | os.PathLike, candidate: str | os.PathLike, inputs: np.ndarray
+    reference: str | os.PathLike, candidate: str | os.PathLike, inputs: Inputs
 ) -> tuple[float, float]:
     """Top-1 agreement and max absolute probability difference of two ONNX models.
 
     Args:
         reference: the fp32 model.
         candidate: e.g. its int8 version.
-        inputs: ``(N, 3, S, S)`` float32 inputs.
+        inputs: ``(N, 3, S, S)`` float32 inputs, or feeds with the metadata too.
 
     Returns:
         ``(top1_agreement, max_prob_diff)``.
     """
     ref, cand = OnnxPredictor(reference), OnnxPredictor(candidate)
-    p_ref = np.concatenate([ref.predict_probs(inputs[i : i + 16]) for i in range(0, len(inputs), 16)])
-    p_cand = np.concatenate(
-        [cand.predict_probs(inputs[i : i + 16]) for i in range(0, len(inputs), 16)]
-    )
+    batches = [(f[INPUT_NAME], f.get(METADATA_INPUT)) for f in _slices(inputs, 16)]
+    p_ref = np.concatenate([ref.predict_probs(*batch) for batch in batches])
+    p_cand = np.concatenate([cand.predict_probs(*batch) for batch in batches])
     agreement = float(np.mean(p_ref.argmax(axis=1) == p_cand.argmax(axis=1)))
     return agreement, float(np.abs(p_ref - p_cand).max())
 
@@ -210,8 +266,8 @@ def default_int8_path(fp32_path: str | os.PathLike) -> Path:
 def quantize_onnx(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike | None = None,
-    calibration: np.ndarray | None = None,
-    compare_inputs: np.ndarray | None = None,
+    calibration: Inputs | None = None,
+    compare_inputs: Inputs | None = None,
     per_channel: bool = True,
 ) -> QuantizationReport:
     """Quantise an exported fp32 model to int8 and check it against the original.
@@ -229,6 +285,7 @@ def quantize_onnx(
     """
     fp32_path = Path(fp32_path)
     out_path = Path(out_path) if out_path is not None else default_int8_path(fp32_path)
+    num_calibration = 0 if calibration is None else len(_as_feeds(calibration)[INPUT_NAME])
     fp32_meta = read_metadata(fp32_path)
     spec = OnnxPredictor(fp32_path).spec
     mode = "dynamic" if calibration is None else "static"
@@ -267,7 +324,7 @@ def quantize_onnx(
             "activations": "uint8" if mode == "static" else "uint8 (dynamic range)",
             "weights": "uint8",
             "per_channel": per_channel,
-            "num_calibration": 0 if calibration is None else len(calibration),
+            "num_calibration": num_calibration,
             "source_fp32_sha256": file_sha256(fp32_path),
         }
         del model.metadata_props[:]
@@ -287,7 +344,7 @@ def quantize_onnx(
         fp32_bytes=fp32_path.stat().st_size,
         int8_bytes=out_path.stat().st_size,
         num_calibration=info["num_calibration"],
-        num_compared=len(compare_inputs),
+        num_compared=len(_as_feeds(compare_inputs)[INPUT_NAME]),
         compared_on=compared_on,
         top1_agreement=agreement,
         max_prob_diff=max_diff,

@@ -23,7 +23,13 @@ key                        value (JSON)
 ``data_preparation``       when the checkpoint recorded it: ``{"size": int|null, "split_hash": hex}``,
                            how ``run_preprocess.sh`` shrank the training images (null: originals)
 ``quantization``           int8 files only: ``{"mode": "static"|"dynamic", ...}``
+``fusion``                 fused models only: the network's ``models.FusionSpec.to_dict()``
+``metadata_input``         fused models only: ``{"name": "metadata", "dtype": "float32",
+                           "shape": ["batch", M], "columns": [...], "encoding": {...}}``, the
+                           second input's columns in order and how they are encoded
 =========================  =================================================================
+
+Image-only models have one input and neither ``fusion`` nor ``metadata_input``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from raug.deploy.images import DEFAULT_PREPARE_SIZE
 DEPLOY_FORMAT = "ssdkd-deploy"
 DEPLOY_FORMAT_VERSION = 1
 INPUT_NAME = "input"
+#: The second input of models that fuse patient metadata.
+METADATA_INPUT = "metadata"
 OUTPUT_KINDS = ("probs", "logits")
 PREPROCESSING = (
     "RGB uint8 image -> cv2.resize to (S, S) with INTER_LINEAR -> "
@@ -67,6 +75,9 @@ class ModelSpec:
         output_kind: ``"probs"`` (softmax probabilities) or ``"logits"``.
         source: description of the checkpoint the model came from.
         extra: further metadata (e.g. quantisation details, ``data_preparation``), JSON-like.
+        fusion: ``models.FusionSpec.to_dict()`` of a network that fuses metadata, else empty.
+        metadata_input: the metadata input's description (``metadata_input`` in the module
+            docstring) of a fused network, else empty.
     """
 
     model_name: str
@@ -77,6 +88,13 @@ class ModelSpec:
     output_kind: str = "probs"
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fusion: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    metadata_input: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def uses_metadata(self) -> bool:
+        """Whether the model takes a second input, the patient metadata."""
+        return bool(self.fusion.get("method"))
 
     @property
     def num_classes(self) -> int:
@@ -99,7 +117,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def spec_from_checkpoint(
-    ckpt: Mapping[str, Any], path: str | os.PathLike, output_kind: str = "probs"
+    ckpt: Mapping[str, Any],
+    path: str | os.PathLike,
+    output_kind: str = "probs",
+    fusion: Mapping[str, Any] | None = None,
 ) -> ModelSpec:
     """Build the spec of a project checkpoint (see :mod:`raug.files.checkpoint` for the schema).
 
@@ -107,6 +128,9 @@ def spec_from_checkpoint(
         ckpt: the loaded checkpoint dict.
         path: the checkpoint file (named in errors, hashed into ``source``).
         output_kind: ``"probs"`` or ``"logits"``.
+        fusion: the network's ``FusionSpec.to_dict()``; the caller reads it from the
+            checkpoint's ``fusion`` or infers it from the weights (which needs torch, so not
+            here). ``None`` or a dict without a method: image only.
 
     Returns:
         The spec.
@@ -130,9 +154,10 @@ def spec_from_checkpoint(
     extra = {}
     if "data_preparation" in ckpt:
         extra["data_preparation"] = ckpt["data_preparation"]
+    fusion = dict(fusion or {})
     spec = _build_spec(
         {key: ckpt[key] for key in _REQUIRED_CKPT_KEYS}, f"checkpoint {path}", output_kind, source,
-        extra,
+        extra, fusion, metadata_input_for(fusion) if fusion.get("method") else {},
     )
     if int(ckpt["num_classes"]) != spec.num_classes:
         raise SpecError(
@@ -140,6 +165,25 @@ def spec_from_checkpoint(
             f"{spec.num_classes} entries"
         )
     return spec
+
+
+def metadata_input_for(fusion: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata input of a fused network: preparation's columns and encoding.
+
+    Raises:
+        SpecError: the network's metadata width is not the number of prepared columns.
+    """
+    # Lazy: it needs pandas, which the ONNX prediction path does without.
+    from raug.isic2019.tables import METADATA_COLUMNS, METADATA_ENCODING
+
+    width = fusion.get("meta_features")
+    if width != len(METADATA_COLUMNS):
+        raise SpecError(
+            f"the network fuses {width} metadata features but the prepared metadata has "
+            f"{len(METADATA_COLUMNS)} columns {list(METADATA_COLUMNS)}"
+        )
+    return {"name": METADATA_INPUT, "dtype": "float32", "shape": ["batch", width],
+            "columns": list(METADATA_COLUMNS), "encoding": dict(METADATA_ENCODING)}
 
 
 def spec_to_metadata(spec: ModelSpec) -> dict[str, str]:
@@ -174,6 +218,9 @@ def spec_to_metadata(spec: ModelSpec) -> dict[str, str]:
         },
         "source_checkpoint": dict(spec.source),
     }
+    if spec.uses_metadata:
+        meta["fusion"] = dict(spec.fusion)
+        meta["metadata_input"] = dict(spec.metadata_input)
     meta.update(spec.extra)
     return {key: json.dumps(value) for key, value in meta.items()}
 
@@ -208,10 +255,11 @@ def spec_from_metadata(meta: Mapping[str, str], where: str) -> ModelSpec:
     if not isinstance(output, dict) or "kind" not in output:
         raise SpecError(f"{where}: metadata 'output' must be a dict with 'kind', got {output!r}")
     known = {*_REQUIRED_CKPT_KEYS, "deploy_format", "deploy_format_version", "input", "output",
-             "source_checkpoint"}
+             "source_checkpoint", "fusion", "metadata_input"}
     extra = {key: value for key, value in decoded.items() if key not in known}
     return _build_spec(
-        decoded, where, output["kind"], decoded.get("source_checkpoint") or {}, extra
+        decoded, where, output["kind"], decoded.get("source_checkpoint") or {}, extra,
+        decoded.get("fusion") or {}, decoded.get("metadata_input") or {},
     )
 
 
@@ -221,7 +269,10 @@ def _build_spec(
     output_kind: str,
     source: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
+    fusion: Mapping[str, Any] | None = None,
+    metadata_input: Mapping[str, Any] | None = None,
 ) -> ModelSpec:
+    _check_metadata_input(fusion or {}, metadata_input or {}, where)
     if output_kind not in OUTPUT_KINDS:
         raise SpecError(f"{where}: output kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
     names = raw["class_names"]
@@ -264,7 +315,43 @@ def _build_spec(
         output_kind=output_kind,
         source=dict(source),
         extra=dict(extra or {}),
+        fusion=dict(fusion or {}),
+        metadata_input=dict(metadata_input or {}),
     )
+
+
+def _check_metadata_input(
+    fusion: Mapping[str, Any], metadata_input: Mapping[str, Any], where: str
+) -> None:
+    """A fused model names as many metadata columns as it reads; an image-only one none."""
+    if not isinstance(fusion, Mapping) or not isinstance(metadata_input, Mapping):
+        raise SpecError(f"{where}: 'fusion' and 'metadata_input' must be dicts")
+    if not fusion.get("method"):
+        if metadata_input:
+            raise SpecError(f"{where}: 'metadata_input' without a fusion method")
+        return
+    columns = metadata_input.get("columns")
+    if (metadata_input.get("name") != METADATA_INPUT or not isinstance(columns, list)
+            or len(columns) != fusion.get("meta_features")):
+        raise SpecError(
+            f"{where}: fusion {dict(fusion)} needs 'metadata_input' with name "
+            f"{METADATA_INPUT!r} and {fusion.get('meta_features')} columns, got "
+            f"{dict(metadata_input)}"
+        )
+
+
+def onnx_feeds(spec: ModelSpec, images: Any, meta: Any = None) -> dict[str, Any]:
+    """The inputs of an exported model: the images, and the metadata exactly when it fuses them.
+
+    Raises:
+        ValueError: metadata missing for a fused model, or given to an image-only one.
+    """
+    if spec.uses_metadata != (meta is not None):
+        raise ValueError(
+            f"{spec.model_name} {'fuses' if spec.uses_metadata else 'does not use'} patient "
+            f"metadata but {'none was' if meta is None else 'metadata was'} given"
+        )
+    return {INPUT_NAME: images} if meta is None else {INPUT_NAME: images, METADATA_INPUT: meta}
 
 
 #: ``prepare_size`` default: the size the model's training images were prepared at.

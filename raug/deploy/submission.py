@@ -2,7 +2,10 @@
 
 Two formats (``tools/predict.py --format``):
 
-* ``default``: ``image, PRED, <class probabilities in the model's label order>``;
+* ``default``: ``image, PRED, <class probabilities in the model's label order>``, and for
+  models fed patient metadata a last column ``metadata``: ``complete``, or what the image's
+  metadata lacked (e.g. ``no_row`` or ``age_missing;site_unknown``, see
+  :mod:`raug.deploy.metadata`);
 * ``isic2019``: the ISIC 2019 challenge submission, ``image, MEL, NV, BCC, AK, BKL, DF, VASC,
   SCC, UNK`` in that order, probabilities clipped to [0, 1]. Model columns are mapped by
   class name (the engine's label order is alphabetical). The eight-class models have no
@@ -45,6 +48,9 @@ ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
 ISIC2019_COLUMNS = (*ISIC2019_CLASSES, "UNK")
 ISIC2019_HEADER = ("image", *ISIC2019_COLUMNS)
 DEFAULT_HEADER_START = ("image", "PRED")
+#: The default format's last column when metadata were fed, and its value for full metadata.
+METADATA_COLUMN = "metadata"
+METADATA_COMPLETE = "complete"
 
 # How probabilities are written (f"{p:.8f}"), also the recognition rule for own files.
 _PROBABILITY_CELL = re.compile(r"-?\d+\.\d{8}|nan|-?inf")
@@ -109,16 +115,22 @@ def _csv_text(header: Sequence[str], rows: list[list[str]]) -> str:
     return buf.getvalue()
 
 
-def predictions_csv(names: Sequence[str], probs: np.ndarray, class_names: Sequence[str]) -> str:
+def predictions_csv(
+    names: Sequence[str],
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    metadata_gaps: Sequence[Sequence[str]] | None = None,
+) -> str:
     """Render predictions in the default format.
 
     Columns: ``image``, ``PRED`` (class code of the arg-max), one probability column per class
-    in label order (8 decimals).
+    in label order (8 decimals), and with ``metadata_gaps`` the column ``metadata``.
 
     Args:
         names: image ids.
         probs: ``(N, K)`` probabilities.
         class_names: class codes in label order.
+        metadata_gaps: per image, what its metadata lacked (``None``: no metadata fed).
 
     Returns:
         The CSV text (header line included, ``\\n`` line ends).
@@ -127,7 +139,12 @@ def predictions_csv(names: Sequence[str], probs: np.ndarray, class_names: Sequen
         [name, class_names[int(np.argmax(row))], *(f"{p:.8f}" for p in row)]
         for name, row in zip(names, probs, strict=True)
     ]
-    return _csv_text([*DEFAULT_HEADER_START, *class_names], rows)
+    header = [*DEFAULT_HEADER_START, *class_names]
+    if metadata_gaps is not None:
+        header.append(METADATA_COLUMN)
+        for row, gaps in zip(rows, metadata_gaps, strict=True):
+            row.append(";".join(gaps) or METADATA_COMPLETE)
+    return _csv_text(header, rows)
 
 
 def isic2019_class_index(class_names: Sequence[str]) -> dict[str, int]:
@@ -191,12 +208,14 @@ def render(
     probs: np.ndarray,
     class_names: Sequence[str],
     unk_threshold: float | None = None,
+    metadata_gaps: Sequence[Sequence[str]] | None = None,
 ) -> str:
-    """The CSV text of ``fmt`` (one of :data:`FORMATS`)."""
+    """The CSV text of ``fmt`` (one of :data:`FORMATS`); ``metadata_gaps`` go into the
+    default format only (the ISIC scorer refuses extra columns)."""
     if fmt == ISIC2019_FORMAT:
         return isic2019_csv(names, probs, class_names, unk_threshold)
     if fmt == DEFAULT_FORMAT:
-        return predictions_csv(names, probs, class_names)
+        return predictions_csv(names, probs, class_names, metadata_gaps)
     raise ValueError(f"unknown format {fmt!r}: use one of {FORMATS}")
 
 
@@ -215,15 +234,17 @@ def is_tool_csv(path: str | os.PathLike) -> bool:
     if not rows:
         return False
     header = tuple(rows[0])
+    end = None
     if tuple(header) == ISIC2019_HEADER:
         first_probability = 1
     elif header[:2] == DEFAULT_HEADER_START and len(header) > 2:
         first_probability = 2
+        end = -1 if header[-1] == METADATA_COLUMN else None
     else:
         return False
     if len(rows) == 1:
         return True  # header only (older versions wrote it when no image could be read)
     row = rows[1]
     return len(row) == len(header) and all(
-        _PROBABILITY_CELL.fullmatch(cell) for cell in row[first_probability:]
+        _PROBABILITY_CELL.fullmatch(cell) for cell in row[first_probability:end]
     )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import models
 from raug.deploy.filekind import model_file_problem, overlay_path
 from raug.deploy.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_rgb
 from raug.deploy.preprocess import preprocess
-from raug.deploy.spec import ModelSpec, SpecError, spec_from_checkpoint
+from raug.deploy.spec import ModelSpec, SpecError, onnx_feeds, spec_from_checkpoint
 from raug.files.checkpoint import load_checkpoint
 from raug.train.device import resolve_device
 
@@ -45,9 +46,11 @@ def load_model(
     if problem is not None:
         raise SpecError(problem)
     ckpt = load_checkpoint(path, map_location="cpu")
-    spec = spec_from_checkpoint(ckpt, path, output_kind)
+    fusion = checkpoint_fusion(ckpt)
+    spec = spec_from_checkpoint(ckpt, path, output_kind, fusion.to_dict())
     try:
-        model = models.create_model(spec.model_name, spec.num_classes, pretrained=False)
+        model = models.create_model(spec.model_name, spec.num_classes, pretrained=False,
+                                    fusion=fusion)
     except (KeyError, ValueError) as exc:
         raise SpecError(
             f"checkpoint {path}: unknown architecture model_name={spec.model_name!r} ({exc})"
@@ -60,6 +63,20 @@ def load_model(
             f"with {spec.num_classes} classes: {exc}"
         ) from exc
     return model.to(resolve_device(device)).eval(), spec
+
+
+def checkpoint_fusion(ckpt: Mapping[str, Any]) -> models.FusionSpec:
+    """The metadata fusion of a checkpoint's network.
+
+    Its recorded ``fusion``, else what the weights' shapes show (the seed's fused checkpoints
+    and those written before fusion was recorded; image-only ones give ``FusionSpec()``).
+    A checkpoint without a known architecture or weights also gives ``FusionSpec()``:
+    :func:`spec_from_checkpoint` and ``create_model`` then name what is wrong.
+    """
+    try:
+        return models.checkpoint_fusion(ckpt, ckpt["model_name"])
+    except (KeyError, TypeError, ValueError):
+        return models.FusionSpec()
 
 
 class TorchPredictor:
@@ -77,10 +94,14 @@ class TorchPredictor:
         self.device = resolve_device(device)
         self.model, self.spec = load_model(self.path, self.device)
 
-    def predict_probs(self, batch: np.ndarray) -> np.ndarray:
-        """``(N, K)`` float32 softmax probabilities for a preprocessed NCHW float32 batch."""
+    def predict_probs(self, batch: np.ndarray, meta: np.ndarray | None = None) -> np.ndarray:
+        """``(N, K)`` float32 softmax probabilities for a preprocessed NCHW float32 batch
+        (and its ``(N, M)`` metadata, exactly when the model fuses them)."""
+        onnx_feeds(self.spec, batch, meta)  # the same refusal as the ONNX backend
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            m = None if meta is None else torch.from_numpy(np.ascontiguousarray(meta)).to(self.device)
+            logits = self.model(x, m)
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def explain(
@@ -93,6 +114,7 @@ class TorchPredictor:
         alpha: float = 0.6,
         prepare_size: int | str | None = "auto",
         names: Sequence[str] | None = None,
+        meta: np.ndarray | None = None,
     ) -> list[Path]:
         """Write a Grad-CAM overlay ``<id>_gradcam.png`` per image into ``out_dir``.
 
@@ -107,6 +129,7 @@ class TorchPredictor:
                 overlay has the size of the image the evaluation transform received (the
                 original unless it was shrunk).
             names: the image ids naming the overlays (default: the file stems).
+            meta: ``(len(paths), M)`` metadata, one row per image (fused models only).
 
         Returns:
             The written files.
@@ -118,18 +141,20 @@ class TorchPredictor:
 
         written = []
         names = [p.stem for p in paths] if names is None else names
+        rows = [None] * len(paths) if meta is None else torch.from_numpy(meta)[:, None]
         bar = tqdm(
-            list(zip(paths, classes, names, strict=True)), desc="grad-cam", unit="img",
+            list(zip(paths, classes, names, rows, strict=True)), desc="grad-cam", unit="img",
             disable=not progress, file=sys.stderr,
         )
-        for path, cls, name in bar:
+        for path, cls, name, row in bar:
             try:
                 rgb = load_rgb(path, max_pixels=max_pixels, prepare_size=prepare_size)
             except ImageLoadError as exc:
                 tqdm.write(f"grad-cam skipped {path}: {exc.reason}", file=sys.stderr)
                 continue
             x = torch.from_numpy(preprocess(rgb, self.spec.img_size, self.spec.mean, self.spec.std))
-            cam = grad_cam(self.model, x[None].to(self.device), [int(cls)])[0].cpu().numpy()
+            m = None if row is None else row.to(self.device)
+            cam = grad_cam(self.model, x[None].to(self.device), [int(cls)], m)[0].cpu().numpy()
             if not cam.any():
                 # Not a rendering failure: no location raises the score (evidence by absence).
                 tqdm.write(

@@ -33,6 +33,23 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _MAX_LISTED = 5
 _MAX_AGE = 120
 
+#: The prepared metadata columns in order: the metadata input of the fused networks.
+METADATA_COLUMNS = ("age_approx", *SEX_VALUES, *SITE_VALUES)
+#: What the networks read: age_approx / AGE_SCALE (raug.data.loaders.IsicDataset).
+AGE_SCALE = 100.0
+#: What :func:`encode_metadata` reports per row (each then counts as missing -> 0).
+METADATA_GAPS = ("age_missing", "age_invalid", "sex_missing", "sex_unknown", "site_missing",
+                 "site_unknown")
+#: How :func:`encode_metadata` and :func:`metadata_features` encode, for model files.
+METADATA_ENCODING = {
+    "source": "official ISIC 2019 metadata CSV columns age_approx, sex, anatom_site_general",
+    "age_approx": f"age in years / {AGE_SCALE:g}; missing or invalid (not a number, < 0 or "
+                  f"> {_MAX_AGE}) -> 0",
+    "sex": f"one-hot {list(SEX_VALUES)} (case and blanks ignored); missing or unknown -> all 0",
+    "anatom_site_general": f"one-hot {list(SITE_VALUES)} (case and blanks ignored); missing or "
+                           "unknown -> all 0",
+}
+
 
 def listing(values) -> str:
     """``'a', 'b', ... (+N more)``: a short, quoted list for error messages."""
@@ -127,28 +144,84 @@ def parse_labels(df: pd.DataFrame, path: Path) -> pd.Series:
     return pd.Series(np.asarray(GT_CLASSES)[onehot.argmax(axis=1)], index=df.index)
 
 
-def _categorical(values: pd.Series, allowed: tuple[str, ...], column: str, path: Path) -> pd.Series:
-    """Normalise case/blanks; unknown values warn and become ``MISSING``."""
+def _categorical(values: pd.Series, allowed: tuple[str, ...], column: str,
+                 path: Path) -> tuple[pd.Series, pd.Series]:
+    """Normalise case/blanks; unknown values warn and become ``MISSING``.
+
+    Returns:
+        The values, and the mask of the unknown ones (non-empty, not in ``allowed``).
+    """
     norm = values.str.strip().str.lower()
     unknown = (norm != "") & ~norm.isin(allowed)
     if unknown.any():
         warnings.warn(f"{path}: unknown {column} value(s) {listing(norm[unknown].unique())} "
                       f"in {int(unknown.sum())} row(s) treated as missing", DataWarning,
-                      stacklevel=3)
-    return norm.where(norm.isin(allowed), MISSING)
+                      stacklevel=4)
+    return norm.where(norm.isin(allowed), MISSING), unknown
 
 
-def _ages(values: pd.Series, images: pd.Series, path: Path) -> pd.Series:
-    """Numeric ages; empty -> 0, unparsable or out of range -> warning and 0."""
+def _ages(values: pd.Series, images: pd.Series, path: Path) -> tuple[pd.Series, pd.Series]:
+    """Numeric ages; empty -> 0, unparsable or out of range -> warning and 0.
+
+    Returns:
+        The ages, and the mask of the invalid ones (non-empty, not an age).
+    """
     text = values.str.strip()
     age = pd.to_numeric(text, errors="coerce")
     bad = (text != "") & (age.isna() | (age < 0) | (age > _MAX_AGE))
     if bad.any():
         warnings.warn(f"{path}: invalid age_approx value(s) {listing(text[bad].unique())} for "
                       f"image(s) {listing(images[bad])} treated as missing", DataWarning,
-                      stacklevel=3)
+                      stacklevel=4)
     age = age.where(~bad).fillna(0)
-    return age.astype(int) if (age == age.round()).all() else age
+    return (age.astype(int) if (age == age.round()).all() else age), bad
+
+
+def encode_metadata(meta: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The prepared metadata columns of rows of an official metadata table.
+
+    The one encoding of patient metadata: preparation writes it into the parsed CSVs and
+    ``tools/predict.py --metadata`` applies it to new images, so a fused network meets the
+    numbers it was trained on. Values are normalised (blanks, case); an unknown sex or site
+    and an invalid age warn (``DataWarning``) and count as missing; missing -> 0.
+
+    Args:
+        meta: string columns ``image``, ``age_approx``, ``sex``, ``anatom_site_general``
+            (as :func:`read_csv` gives them).
+        path: the CSV, named in warnings.
+
+    Returns:
+        ``(columns, gaps)`` indexed like ``meta``: the :data:`METADATA_COLUMNS` (age in
+        years, 0 when missing; one-hot ints), and one bool column per :data:`METADATA_GAPS`
+        (what was missing, ``*_missing``: an empty cell, or not understood, the others).
+    """
+    sex, sex_unknown = _categorical(meta["sex"], SEX_VALUES, "sex", path)
+    site, site_unknown = _categorical(meta["anatom_site_general"], SITE_VALUES,
+                                      "anatom_site_general", path)
+    age, age_invalid = _ages(meta["age_approx"], meta["image"], path)
+    columns = pd.DataFrame({"age_approx": age}, index=meta.index)
+    for value in SEX_VALUES:
+        columns[value] = (sex == value).astype(int)
+    for value in SITE_VALUES:
+        columns[value] = (site == value).astype(int)
+    blank = {name: meta[name].str.strip() == "" for name in ("age_approx", "sex",
+                                                            "anatom_site_general")}
+    gaps = pd.DataFrame(dict(zip(METADATA_GAPS, (
+        blank["age_approx"], age_invalid, blank["sex"], sex_unknown,
+        blank["anatom_site_general"], site_unknown), strict=True)), index=meta.index)
+    return columns, gaps
+
+
+def metadata_features(columns: pd.DataFrame) -> np.ndarray:
+    """``(N, 11)`` float32 network input from :func:`encode_metadata`'s columns.
+
+    ``age_approx / AGE_SCALE`` (ages in years would dwarf the one-hots), then the one-hots,
+    in float32: what :class:`raug.data.loaders.IsicDataset` feeds the networks in training
+    (it calls this on the prepared CSV's columns) and ``predict.py --metadata`` at inference.
+    """
+    features = columns[list(METADATA_COLUMNS)].to_numpy(dtype=np.float32).copy()
+    features[:, 0] /= AGE_SCALE
+    return features
 
 
 def load_table(root: Path) -> pd.DataFrame:
@@ -177,15 +250,11 @@ def load_table(root: Path) -> pd.DataFrame:
     labels["diagnostic"] = parse_labels(labels, labels_path)
 
     meta = meta.set_index("image").loc[labels["image"]].reset_index()
-    sex = _categorical(meta["sex"], SEX_VALUES, "sex", meta_path)
-    site = _categorical(meta["anatom_site_general"], SITE_VALUES, "anatom_site_general", meta_path)
+    columns, _ = encode_metadata(meta, meta_path)
     lesion = meta["lesion_id"].str.strip()
-    out = pd.DataFrame({"image": labels["image"].to_numpy(),
-                        "age_approx": _ages(meta["age_approx"], meta["image"], meta_path)})
-    for value in SEX_VALUES:
-        out[value] = (sex == value).astype(int).to_numpy()
-    for value in SITE_VALUES:
-        out[value] = (site == value).astype(int).to_numpy()
+    out = pd.DataFrame({"image": labels["image"].to_numpy()})
+    for name in METADATA_COLUMNS:
+        out[name] = columns[name].to_numpy()
     out["lesion_id"] = lesion.where(lesion != "", MISSING).to_numpy()
     out["diagnostic"] = labels["diagnostic"].to_numpy()
     out["diagnostic_number"] = out["diagnostic"].map(CLASS_INDEX).astype(int)
