@@ -247,3 +247,25 @@ def test_the_fusion_of_a_state_dict_is_read_back_from_its_shapes(name, method, c
     net = _net(name, method, config, reducer)
     sd = {f"module.{k}": v for k, v in net.state_dict().items()}  # DataParallel prefix too
     assert models.infer_fusion(sd, models.NUM_FEATURES[name]) == net.fusion
+
+
+@pytest.mark.parametrize("method", ["none", "blkd", "rkd", "crkd", "d_kd", "fitnet"])
+def test_every_dkd_method_trains_a_fused_student_from_a_fused_teacher(method):
+    from kd_losses import DKD_FAMILY, DKDWeights
+    from raug.methods.dkd import DKDTask
+
+    row, weights = DKD_FAMILY[method], DKDWeights()
+    student = _net("mobilenet", "metanet", M, seed=6).train()  # no reducer: no dropout
+    teacher = _net("mobilenet", "metablock", M, seed=7) if row.needs_teacher else None
+    adapter = models.build_adapter(student, teacher, 32) if row.needs_adapter(weights) else None
+    task = DKDTask(student, teacher, adapter, method=method, weights=weights)
+    x, meta = _inputs(n=4)
+    batch = {"image": x, "label": torch.tensor([0, 1, 2, 3]), "meta": meta}
+    out = task.train_step(batch)
+    out["loss"].backward()
+    assert set(row.terms(weights)) <= set(out) and torch.isfinite(out["loss"])
+    # the student's fusion layers learn from the KD loss
+    assert student.comb.metanet[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():  # and the metadata changes what the step computes
+        other = task.train_step({**batch, "meta": meta.flip(0)})
+    assert not torch.equal(other["logits"], out["logits"].detach())
