@@ -31,10 +31,15 @@ HOLDER = textwrap.dedent("""
     lock = runlock.acquire(sys.argv[1])
     child = 0
     if len(sys.argv) > 2:
+        started_r, started_w = os.pipe()
         child = os.fork()
         if child == 0:
+            # Python code runs in the child only after the at-fork hooks (runlock's too):
+            # the byte tells the parent that the child has dropped its copy of the lock.
+            os.write(started_w, b"x")
             time.sleep(60)
             os._exit(0)
+        os.read(started_r, 1)  # else a slow child could still hold the lock when tested
     print(f"ready {child}", flush=True)
     time.sleep(60)
 """)
@@ -164,7 +169,9 @@ def test_resume_into_a_training_run_is_refused_and_a_killed_run_resumes(tiny, tm
                              stderr=subprocess.DEVNULL, env={**os.environ, "TINY_SLEEP": "0.2"})
     try:
         deadline = time.monotonic() + 120
-        while not (folder / "last-checkpoint").is_dir() and time.monotonic() < deadline:
+        # the file, not its folder: the folder exists a moment before the atomic rename
+        last = folder / "last-checkpoint" / "last-checkpoint.pth"
+        while not last.is_file() and time.monotonic() < deadline:
             assert first.poll() is None
             time.sleep(0.2)
         with pytest.raises(ConfigError, match=rf"in use by a running run \(pid {first.pid} on host "):
