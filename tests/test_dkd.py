@@ -14,6 +14,7 @@ from raug.data.loaders import CLASS_NAMES
 from raug.errors import ConfigError
 from raug.files.checkpoint import CheckpointError, save_checkpoint
 from raug.methods.dkd import DKDTask, dkd_task
+from raug.methods.metadata import METADATA_KEYS
 from raug.methods.teacher import (
     freeze,
     frozen_forward,
@@ -21,6 +22,7 @@ from raug.methods.teacher import (
     load_teacher,
     teacher_file_problems,
 )
+from raug.run.config import SHARED_CONFIG
 from raug.testing import sgd_losses
 
 SIZE = 32  # 1x1 feature maps: the smallest input the networks take
@@ -208,7 +210,8 @@ def _ctx(config, tmp_path):
     base = {"_model_name_student": "mobilenet", "_model_name_teacher": "mobilenet",
             "_pretrained": False, "_resume": False, "_folder": 2, "_img_size": SIZE,
             "_teacher_ckpt": str(tmp_path / "absent.pth"), "_lambd": 0.5, "_T": 5.0,
-            "_lambd_drkd": 1.0, "_lambd_crkd": 1000.0, "_lambd_fitnet": 1.0}
+            "_lambd_drkd": 1.0, "_lambd_crkd": 1000.0, "_lambd_fitnet": 1.0,
+            **{key: SHARED_CONFIG[key] for key in METADATA_KEYS}}  # image only
     return SimpleNamespace(config={**base, **config}, data=data)
 
 

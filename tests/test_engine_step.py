@@ -57,8 +57,9 @@ class PartsTask(ClassificationTask):
 
 
 def _reference_train_one_epoch(task, loader, opt, scaler, device, dtype, epoch, settings, *,
-                               parallel=None):
-    """The per-step implementation before issue #16 (one ``tolist`` per step), single process."""
+                               parallel=None, watch=None):
+    """The per-step implementation before issue #16 (one ``tolist`` per step), single process
+    (``watch``, issue #18, only warns: these runs are finite and do not grow)."""
     step = parallel if parallel is not None else task
     task.train()
     if hasattr(loader, "sampler"):

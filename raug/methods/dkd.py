@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import models
-from kd_losses import DKD_FAMILY, DKDMethod, DKDWeights, d_kd, dkd_method
+from kd_losses import DKD_FAMILY, DKDMethod, DKDWeights, RelationalWeights, d_kd, dkd_method
 from raug.methods.kd_config import dkd_checks
 from raug.methods.metadata import fusion_spec
 from raug.methods.teacher import frozen_forward, load_teacher
@@ -95,6 +95,30 @@ class DKDTask(Task):
     def eval_step(self, batch: dict) -> dict:
         """The student's weighted cross-entropy (no teacher needed)."""
         return self.weighted_ce_step(batch)
+
+    def part_weights(self) -> dict[str, float]:
+        """Each active term's factor in ``kd_losses.d_kd``'s loss (``loss = sum(w * part)``)."""
+        w, row = self.weights, self.method
+        factors = {
+            "ce": 1.0 - w.lambd if row.soft_kd else 1.0,
+            "kd": w.lambd * w.T * w.T,  # the part is without T^2
+            "fitnet": w.lambd_fitnet,
+            **relational_part_weights(row.relational(w) or w.relational),
+        }
+        return {name: factors[name] for name in row.terms(w)}
+
+
+def relational_part_weights(block: RelationalWeights, scale: float = 1.0) -> dict[str, float]:
+    """The factors of the relational parts in a loss adding ``scale * hr``.
+
+    ``hr = lambd_drkd (w_dist rkd_distance + w_angle rkd_angle) + lambd_crkd channel_relation``
+    (:func:`kd_losses.d_kd.relational_kd`).
+    """
+    return {
+        "rkd_distance": scale * block.lambd_drkd * block.w_dist,
+        "rkd_angle": scale * block.lambd_drkd * block.w_angle,
+        "channel_relation": scale * block.lambd_crkd,
+    }
 
 
 def dkd_task(ctx) -> DKDTask:

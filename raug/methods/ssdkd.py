@@ -44,6 +44,7 @@ from kd_losses import (
     view_labels,
 )
 from raug.files.paths import resolve_repo_path
+from raug.methods.dkd import relational_part_weights
 from raug.methods.kd_config import ssdkd_checks
 from raug.methods.metadata import fusion_spec
 from raug.methods.teacher import file_fingerprint, frozen_forward, load_teacher
@@ -134,6 +135,18 @@ class SSDKDTask(Task):
     def eval_step(self, batch: dict) -> dict:
         """Weighted cross-entropy of the student on the normal (unrotated) images."""
         return self.weighted_ce_step(batch)
+
+    def part_weights(self) -> dict[str, float]:
+        """Each part's factor in ``kd_losses.ssd_kd_loss``'s loss; the row counts weigh 0.
+
+        ``ce..ss`` include their ``T^2``; the relational parts are inside ``hr_w hr``.
+        """
+        w = self.weights
+        factors = {
+            "ce": w.w_ce, "kd": w.w_kd, "tf": w.w_tf, "ss": w.w_ss, "hr": w.hr_w,
+            **relational_part_weights(w.relational, w.hr_w), "n_tf": 0.0, "n_ss": 0.0,
+        }
+        return {name: factors[name] for name in SSD_KD.terms(w)}
 
 
 def uses_adapter(weights: SSDKDWeights) -> bool:

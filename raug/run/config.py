@@ -66,6 +66,8 @@ SHARED_CONFIG: dict[str, Any] = {
     "_cudnn_benchmark": True,  # CUDA: torch.backends.cudnn.benchmark (no effect on CPU)
     "_tf32": True,  # CUDA: TF32 float32 matmuls/convolutions (set_float32_matmul_precision("high"))
     "_sync_every": 16,  # training loss parts reach the host every N steps (1 = every step)
+    # training steps with a non-finite loss part skipped (warned) before the run stops; 0: none
+    "_max_nonfinite_steps": 0,
     "_resume": False,  # continue from <_save_folder>/last-checkpoint
     "_sync_bn": False,  # torchrun on CUDA: SyncBatchNorm (BN statistics over the global batch)
     "_gather_embeddings": False,  # torchrun: relational KD terms over the global batch
@@ -93,7 +95,7 @@ QUICK_CONFIG: dict[str, Any] = {
 RESUMABLE_CHANGES = frozenset(
     {"_epochs", "_early_stop", "_device", "_num_workers", "_amp", "_channels_last",
      "_compile", "_resume", "_base_path", "_save_folder", "_sync_bn", "_allow_split_mismatch",
-     "_sync_every", "_cudnn_benchmark", "_tf32", "_quick"}
+     "_sync_every", "_cudnn_benchmark", "_tf32", "_quick", "_max_nonfinite_steps"}
 )
 
 # Sacred seeds numpy's legacy RandomState with the run seed, which accepts [0, 2**32 - 1] only.
@@ -155,6 +157,7 @@ def shared_checks(config: Mapping[str, Any]) -> list[str]:
     need(workers is None or workers == "auto" or (_is_int(workers) and workers >= 0), "_num_workers",
          "expected 'auto' or an integer >= 0")
     integer("_sync_every", 1)
+    integer("_max_nonfinite_steps", 0)
     integer("seed", 0, SEED_MAX)
     size = config["_img_size"]
     need(_is_int(size) and size > 0 and size % 32 == 0, "_img_size",

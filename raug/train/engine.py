@@ -61,6 +61,16 @@ VAL_METRICS = ("loss", "accuracy", "balanced_accuracy", "auc")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
 
+# Divergence warning: a training loss part whose batch value exceeds GROWTH_FACTOR times its
+# reference, the median of its first GROWTH_REFERENCE_BATCHES finite batch values of the run
+# (``fit`` call: a resumed run starts a new reference), is warned about once per part. 100x
+# is two orders of magnitude: far above the batch-to-batch noise of a converging loss (a few
+# x), passed within a few steps by a diverging one (a distilled student reached 4.8e6 with no
+# warning). A median over 16 batches (the default ``_sync_every``), collected over syncs and
+# epochs when they are shorter, is not moved by one odd first batch.
+GROWTH_FACTOR = 100.0
+GROWTH_REFERENCE_BATCHES = 16
+
 
 class NonFiniteLossError(RuntimeError):
     """A loss (or one of its parts) became NaN or infinite."""
@@ -87,6 +97,12 @@ class FitSettings:
     reach the host every ``sync_every`` steps and at the end of the epoch; the
     finiteness check and the progress bar run then (1 = every step).
 
+    ``max_nonfinite_steps`` (``_max_nonfinite_steps``): training steps with a non-finite
+    loss part (or, without a GradScaler, non-finite gradients) the run skips (warned once
+    per part) before it stops with :class:`NonFiniteLossError`; 0 = stop at the first.
+    With a positive value and no GradScaler (fp32, bf16) a :class:`_StepGuard` takes such
+    a step back on the device; under fp16 the GradScaler already skips it.
+
     ``cudnn_benchmark`` (``_cudnn_benchmark``) and ``tf32`` (``_tf32``): CUDA speed
     settings applied at the start of :func:`fit` by :func:`apply_cuda_speed_settings`
     (``torch.backends.cudnn.benchmark`` and ``torch.set_float32_matmul_precision("high")``);
@@ -108,6 +124,7 @@ class FitSettings:
     compile: bool = False
     compile_backend: Any = None
     sync_every: int = 16
+    max_nonfinite_steps: int = 0
     resume: bool = False
     sync_bn: bool = False
     cudnn_benchmark: bool = True
@@ -133,6 +150,7 @@ class FitSettings:
             channels_last=bool(config["_channels_last"]),
             compile=bool(config["_compile"]),
             sync_every=int(config.get("_sync_every", 16)),
+            max_nonfinite_steps=int(config.get("_max_nonfinite_steps", 0)),
             resume=bool(config["_resume"]),
             sync_bn=bool(config.get("_sync_bn", False)),
             cudnn_benchmark=bool(config.get("_cudnn_benchmark", True)),
@@ -231,7 +249,8 @@ def fit(
     barrier, so files rank 0 wrote are complete when any rank reads them.
 
     Raises:
-        NonFiniteLossError: a NaN/inf loss (on any rank: all ranks raise); the last
+        NonFiniteLossError: a NaN/inf loss (on any rank: all ranks raise) in more than
+            ``settings.max_nonfinite_steps`` training steps, or in validation; the last
             written checkpoints stay valid.
     """
     distributed = is_initialized()
@@ -268,6 +287,7 @@ def fit(
         for row in history:  # the new Sacred run gets the whole curve
             _log_row(outputs, row, settings.log_prefix)
         barrier()  # every rank has read the same checkpoint before rank 0 may overwrite it
+    watch = _LossWatch(task.part_weights(), settings.max_nonfinite_steps)
     parallel = None
     if distributed:
         # After the restore, so every rank starts from rank 0's weights (DDP broadcasts
@@ -286,7 +306,7 @@ def fit(
         tic = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         train_stats = train_one_epoch(task, train_loader, opt, scaler, device, dtype, epoch, settings,
-                                      parallel=parallel)
+                                      parallel=parallel, watch=watch)
         # Ranks updated their BatchNorm statistics on their own shards: evaluate rank 0's
         # (the checkpointed ones) everywhere.
         broadcast_states(task.trained)
@@ -350,6 +370,7 @@ def train_one_epoch(
     settings: FitSettings,
     *,
     parallel: nn.Module | None = None,
+    watch: _LossWatch | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` with optimizer steps; returns sample-weighted means.
 
@@ -362,8 +383,11 @@ def train_one_epoch(
     same sums as Python floats of the float32 values) and their per-batch values kept
     there until the next sync, every ``settings.sync_every`` steps and at the end of
     the epoch. A sync copies them to the host at once, checks them (naming the first
-    non-finite batch; under torchrun one all-reduce tells every rank) and updates the
+    non-finite batch; under torchrun one all-gather tells every rank) and updates the
     progress bar. The training predictions stay on the device until the epoch ends.
+    ``watch`` (``fit`` passes the run's; default: a new one) gets the per-batch values at
+    every sync: the growth warning and the non-finite budget (``settings.max_nonfinite_steps``).
+    A step it counts as non-finite is left out of the means and the accuracies.
     Batches reach the device through :class:`~raug.train.prefetch.DevicePrefetcher`
     (on CUDA the next one is copied on a side stream during the step).
     """
@@ -372,33 +396,44 @@ def train_one_epoch(
     if hasattr(loader, "sampler"):
         set_loader_epoch(loader, epoch)
     sync_every = max(1, int(settings.sync_every))
+    watch = watch or _LossWatch(task.part_weights(), settings.max_nonfinite_steps)
+    guard = None
+    if settings.max_nonfinite_steps > 0 and not scaler.is_enabled():  # fp16: the GradScaler's job
+        guard = _StepGuard(task, opt)
     meter = _LossMeter()
-    preds, labels = [], []
+    preds: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (batch, argmax, labels)
     bar = tqdm(_on_device(loader, device, settings.channels_last),
                desc=f"{settings.desc} {epoch}/{settings.epochs} train", leave=False,
                dynamic_ncols=True, disable=not is_main_process())
     for index, batch in enumerate(bar):
+        if guard is not None:
+            guard.save()  # before the forward pass: it updates the BatchNorm statistics
         with autocast(device, dtype):
             out = step(batch)
         opt.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
+        finite_grads = guard.grads_finite() if guard is not None else None
         scaler.step(opt)
         scaler.update()
+        if guard is not None:
+            guard.take_back_unless(finite_grads)
 
-        meter.add(index, out, _batch_len(batch))
+        meter.add(index, out, _batch_len(batch), finite_grads)
         if "logits" in out and "label" in batch:
-            preds.append(out["logits"].detach().argmax(dim=1))
-            labels.append(batch["label"].detach())
+            preds.append((index, out["logits"].detach().argmax(dim=1), batch["label"].detach()))
         if (index + 1) % sync_every == 0:  # the same steps on every rank (equal step counts)
-            meter.sync(epoch)
+            watch.check(epoch, meter.sync(epoch))
             bar.set_postfix(loss=f"{meter.mean('loss'):.4f}")
-    meter.sync(epoch)  # always: a collective under torchrun, and the tail of the epoch
+    watch.check(epoch, meter.sync(epoch))  # always: a collective under torchrun; the epoch's tail
     if meter.seen == 0:
-        raise RuntimeError("the training loader yielded no batch (dataset smaller than a batch?)")
+        raise RuntimeError("the training loader yielded no batch (dataset smaller than a batch?) "
+                           "or every batch was non-finite")
     sums, seen = meter.sums, meter.seen
     y_pred = y_true = None
+    preds = [p for p in preds if p[0] not in meter.dropped]
     if preds:  # one device-to-host copy for the epoch's predictions and labels
-        both = torch.stack([torch.cat(preds).long(), torch.cat(labels).long()]).cpu().numpy()
+        both = torch.stack([torch.cat([p[1] for p in preds]).long(),
+                            torch.cat([p[2] for p in preds]).long()]).cpu().numpy()
         y_pred, y_true = both[0], both[1]
     if is_initialized():
         sums, seen, y_pred, y_true = _gather_train_stats(sums, seen, y_pred, y_true)
@@ -409,51 +444,70 @@ def train_one_epoch(
     return stats
 
 
+@dataclass
+class _BatchRow:
+    """One training batch's values on the host: ``kept`` is False for a non-finite step."""
+
+    index: int
+    values: dict[str, float]
+    n: int
+    kept: bool
+
+
 class _LossMeter:
     """Sample-weighted sums of a step's scalar parts, kept on the device between syncs.
 
     ``add`` queues no host work (:class:`_DeviceSums`) and keeps the batch's values on the
     device. ``sync`` copies the sums and the per-batch values since the last sync to the
-    host with one ``tolist`` and checks them.
+    host with one ``tolist`` and returns the per-batch rows. A non-finite step (a
+    non-finite part, or ``finite_grads`` False: its update was taken back) is left out of the
+    sums on the device (``torch.where``) and out of ``seen`` at the sync; its batch index
+    joins ``dropped``.
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}  # host copy as of the last sync
         self.seen = 0  # samples covered by ``sums``
+        self.dropped: set[int] = set()  # batches left out (non-finite steps)
         self._device_sums = _DeviceSums()
-        self._pending: list[tuple[int, tuple[str, ...], torch.Tensor]] = []  # (batch, names, values)
-        self._pending_seen = 0
+        # (batch, names, values, kept flag, samples)
+        self._pending: list[tuple[int, tuple[str, ...], torch.Tensor, torch.Tensor, int]] = []
 
-    def add(self, index: int, out: Mapping[str, Any], n: int) -> None:
-        names, values = self._device_sums.add(out, n)
-        self._pending.append((index, names, values))
-        self._pending_seen += n
+    def add(self, index: int, out: Mapping[str, Any], n: int,
+            finite_grads: torch.Tensor | None = None) -> None:
+        """Add a step's parts; ``finite_grads``: :meth:`_StepGuard.grads_finite`'s device flag."""
+        names, values = _scalar_vector(out)
+        kept = torch.isfinite(values).all()
+        if finite_grads is not None:
+            kept = kept & finite_grads
+        self._device_sums.add_values(names, values, n, kept)
+        self._pending.append((index, names, values, kept, n))
 
     def mean(self, name: str) -> float:
         return self.sums.get(name, math.nan) / max(self.seen, 1)
 
-    def sync(self, epoch: int) -> None:
-        """Bring sums and per-batch values to the host; raise on a non-finite one (all ranks)."""
+    def sync(self, epoch: int) -> list[_BatchRow]:
+        """Bring sums and per-batch values to the host; raise if a running sum overflowed."""
         groups = list(self._device_sums.groups.items())
         pending, self._pending = self._pending, []
-        tensors = [v for _, v in groups] + [v.double() for _, _, v in pending]
+        tensors = [v for _, v in groups]
+        for _, _, values, kept, _ in pending:
+            tensors += [values.double(), kept.double().reshape(1)]
         flat = torch.cat(tensors).tolist() if tensors else []
         sums = _sums_by_name([names for names, _ in groups], flat)
         pos = sum(len(names) for names, _ in groups)
-        bad_batch: tuple[int, dict[str, float]] | None = None
-        for index, names, _ in pending:
-            row = dict(zip(names, flat[pos:pos + len(names)]))
-            pos += len(names)
-            if bad_batch is None and not all(math.isfinite(v) for v in row.values()):
-                bad_batch = (index, row)
-        self.sums, self.seen = sums, self.seen + self._pending_seen
-        self._pending_seen = 0
+        rows = []
+        for index, names, _, _, n in pending:
+            rows.append(_BatchRow(index, dict(zip(names, flat[pos:pos + len(names)])), n,
+                                  flat[pos + len(names)] == 1.0))
+            pos += len(names) + 1
+        self.dropped.update(row.index for row in rows if not row.kept)
+        self.sums = sums
+        self.seen += sum(row.n for row in rows if row.kept)
         span = f"{pending[0][0]}-{pending[-1][0]}" if pending else "none"
-        # the first non-finite batch since the last sync (checked together, every
-        # sync_every steps); the message keeps the per-step check's form
-        _check_first_bad_batch(epoch, bad_batch)
         # finite batches can still overflow a sum
         _check_finite(sums, f"epoch {epoch}, batches {span} (training, the epoch's running sums)")
+        return rows
 
 
 class _DeviceSums:
@@ -468,13 +522,22 @@ class _DeviceSums:
     def __init__(self) -> None:
         self.groups: dict[tuple[str, ...], torch.Tensor] = {}
 
-    def add(self, out: Mapping[str, Any], n: int) -> tuple[tuple[str, ...], torch.Tensor]:
-        """Add a step output's parts weighted by ``n``; returns its names and float32 values."""
-        names, values = _scalar_vector(out)
+    def add(self, out: Mapping[str, Any], n: int) -> None:
+        """Add a step output's parts weighted by ``n``."""
+        self.add_values(*_scalar_vector(out), n)
+
+    def add_values(self, names: tuple[str, ...], values: torch.Tensor, n: int,
+                   kept: torch.Tensor | None = None) -> None:
+        """Add float32 ``values`` weighted by ``n``; where the device flag ``kept`` is False, 0.
+
+        Adding 0.0 leaves a float64 sum unchanged, so the sums of the kept batches are
+        the same, bit for bit, as without the flag.
+        """
         weighted = values.double() * n
+        if kept is not None:
+            weighted = torch.where(kept, weighted, 0.0)
         total = self.groups.get(names)
         self.groups[names] = weighted if total is None else total + weighted
-        return names, values
 
     def to_host(self) -> dict[str, float]:
         """The sums by name, with one device-to-host copy."""
@@ -674,31 +737,159 @@ def _check_finite(values: Mapping[str, float], where: str) -> None:
         raise NonFiniteLossError(_non_finite_message(where, bad, ranks))
 
 
-def _non_finite_message(where: str, bad: Mapping[str, float], ranks: Sequence[int]) -> str:
-    parts = ", ".join(f"{k}={v}" for k, v in bad.items() if not math.isfinite(v))
+def _bad_parts_text(values: Mapping[str, float]) -> str:
+    """``loss=nan, kd=inf``: the non-finite parts; ``values`` all finite: the gradients were not."""
+    parts = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+    return parts or ("non-finite gradients (every loss part finite)" if values else "")
+
+
+def _non_finite_message(where: str, bad: Mapping[str, float], ranks: Sequence[int],
+                        detail: str = "") -> str:
+    """The one-line stop message; ``detail`` follows the parts (weights, the step budget)."""
+    parts = _bad_parts_text(bad)
     if get_world_size() > 1:
         parts = f"on rank(s) {list(ranks)}" + (f" (here, rank {get_rank()}: {parts})" if parts else "")
-    return (f"non-finite loss at {where}: {parts}; the last checkpoint written before "
+    return (f"non-finite loss at {where}: {parts}{detail}; the last checkpoint written before "
             "this epoch is kept (lower _lr_init or check the data)")
 
 
-def _check_first_bad_batch(epoch: int, bad_batch: tuple[int, dict[str, float]] | None) -> None:
-    """Raise when any rank saw a non-finite batch since the last sync (all ranks raise).
+def _weights_text(names: Iterable[str], weights: Mapping[str, float]) -> str:
+    """`` (weight in the loss: kd=12.5)`` for the named parts whose weight the task declares."""
+    known = [f"{name}={weights[name]:g}" for name in names if name in weights]
+    return f" (weight in the loss: {', '.join(known)})" if known else ""
 
-    Names the earliest such batch over the ranks, and the ranks where it was non-finite:
-    under torchrun a NaN on one rank reaches every rank's weights through the gradient
-    all-reduce one step later, so later batches say nothing about where it began.
+
+class _LossWatch:
+    """The run's watch over its training loss parts, on the host values of every sync.
+
+    * Growth: a part's batch value above ``GROWTH_FACTOR`` times its reference (the median
+      of its first ``GROWTH_REFERENCE_BATCHES`` finite values) is warned about once per
+      part, with its weight in the loss (``Task.part_weights``). Each rank watches its own
+      batches (no collective); a part of weight 0 (a count such as ``n_tf``) is not a loss.
+    * Non-finite steps: every rank's non-finite batches are gathered (one collective per
+      sync, which every rank reaches at the same step); a step non-finite on any rank
+      counts once. The first ``max_nonfinite`` are warned about (once per part) and
+      skipped; the next one raises :class:`NonFiniteLossError` naming it, its parts and
+      their weights, and ``_max_nonfinite_steps``.
     """
-    # a collective in distributed runs (every rank syncs at the same steps)
-    indices = all_gather_object(None if bad_batch is None else bad_batch[0])
-    found = [i for i in indices if i is not None]
-    if not found:
-        return
-    first = min(found)
-    here = bad_batch[1] if bad_batch is not None and bad_batch[0] == first else {}
-    ranks = [rank for rank, i in enumerate(indices) if i == first]
-    raise NonFiniteLossError(_non_finite_message(f"epoch {epoch}, batch {first} (training)",
-                                                 here, ranks))
+
+    def __init__(self, weights: Mapping[str, float], max_nonfinite: int) -> None:
+        self.weights = dict(weights)
+        self.max_nonfinite = int(max_nonfinite)
+        self.nonfinite_steps = 0
+        self._first: dict[str, list[float]] = {}  # values until the reference is known
+        self._reference: dict[str, float] = {}
+        self._warned: set[str] = set()  # growth warnings given, by part
+        self._warned_nonfinite: set[str] = set()
+
+    def check(self, epoch: int, rows: Sequence[_BatchRow]) -> None:
+        """Warn about grown parts, count the non-finite steps and stop past the budget."""
+        for row in rows:
+            if row.kept:
+                self._check_growth(epoch, row)
+        self._check_nonfinite(epoch, rows)
+
+    def _check_growth(self, epoch: int, row: _BatchRow) -> None:
+        for name, value in row.values.items():
+            if self.weights.get(name) == 0:
+                continue
+            reference = self._reference.get(name)
+            if reference is None:
+                first = self._first.setdefault(name, [])
+                first.append(value)
+                if len(first) == GROWTH_REFERENCE_BATCHES:
+                    self._reference[name] = float(np.median(first))
+            elif (name not in self._warned and reference != 0
+                  and abs(value) > GROWTH_FACTOR * abs(reference)):
+                self._warned.add(name)
+                what = "the total loss" if name == "loss" else "loss part"
+                log.warning(
+                    "%s %s%s grew %.0fx: %.4g at epoch %d, batch %d (training) against %.4g, the "
+                    "median of its first %d batches; training goes on (warned once per part: "
+                    "lower _lr_init or check the teacher if it keeps growing)",
+                    what, name, _weights_text([name], self.weights), abs(value / reference), value,
+                    epoch, row.index, reference, GROWTH_REFERENCE_BATCHES,
+                )
+
+    def _check_nonfinite(self, epoch: int, rows: Sequence[_BatchRow]) -> None:
+        bad = {row.index: row.values for row in rows if not row.kept}
+        per_rank = all_gather_object(sorted(bad))  # a collective in distributed runs
+        for index in sorted({i for indices in per_rank for i in indices}):
+            self.nonfinite_steps += 1
+            ranks = [rank for rank, indices in enumerate(per_rank) if index in indices]
+            here = bad.get(index, {})
+            names = [k for k, v in here.items() if not math.isfinite(v)]
+            where = f"epoch {epoch}, batch {index} (training)"
+            if self.nonfinite_steps > self.max_nonfinite:
+                raise NonFiniteLossError(_non_finite_message(
+                    where, here, ranks,
+                    f"{_weights_text(names, self.weights)}; {self.nonfinite_steps} non-finite "
+                    f"training step(s) in this run, more than _max_nonfinite_steps="
+                    f"{self.max_nonfinite}"))
+            self._warn_nonfinite(where, here, names, ranks)
+
+    def _warn_nonfinite(self, where: str, here: Mapping[str, float], names: Sequence[str],
+                        ranks: Sequence[int]) -> None:
+        """Warn, once per part, about a step skipped within ``_max_nonfinite_steps``."""
+        # all parts finite here: the gradients were not (or another rank's parts were)
+        keys = names or (["gradients"] if here else [f"rank(s) {list(ranks)}"])
+        if self._warned_nonfinite.issuperset(keys):
+            return
+        self._warned_nonfinite.update(keys)
+        log.warning(
+            "non-finite training step at %s: %s%s; skipped: left out of the means, a non-finite "
+            "update not applied (step %d of the _max_nonfinite_steps=%d the run may skip; "
+            "warned once per part)",
+            where, _bad_parts_text(here) or f"on rank(s) {list(ranks)}",
+            _weights_text(names, self.weights), self.nonfinite_steps, self.max_nonfinite,
+        )
+
+
+class _StepGuard:
+    """Takes back, on the device, a step whose gradients are not finite (no host sync).
+
+    Used when ``max_nonfinite_steps > 0`` and no GradScaler runs (fp32, bf16): without it a
+    NaN gradient enters the weights and the momentum, every later step is NaN, and skipping
+    would only postpone the stop. ``save`` copies, before the forward pass, what a step
+    changes: the parameters, their optimizer state tensors and the trained modules' buffers
+    (BatchNorm statistics). ``take_back_unless(finite)`` keeps the new values where the
+    device flag ``finite`` is True and the copies elsewhere (``torch.where``); state tensors
+    the step created (SGD's momentum on its first step) get their starting value, zeros.
+    The flag comes from the gradients after DDP's all-reduce, so every rank decides alike.
+    State kept on another device than its parameter (Adam's host step count) is not
+    taken back. Cost: one copy of the parameters, optimizer state and buffers per step.
+    """
+
+    def __init__(self, task: Task, opt: Optimizer) -> None:
+        self.opt = opt
+        self.params = [p for group in opt.param_groups for p in group["params"]]
+        self.buffers = list(task.trained.buffers())
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _state(self) -> list[torch.Tensor]:
+        return [t for p in self.params for t in self.opt.state.get(p, {}).values()
+                if isinstance(t, torch.Tensor) and t.device == p.device]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        """Copy the parameters, the optimizer state and the buffers (on their device)."""
+        self._saved = [(t, t.clone()) for t in (*self.params, *self.buffers, *self._state())]
+
+    @torch.no_grad()
+    def grads_finite(self) -> torch.Tensor:
+        """A device flag: every gradient is finite (the max-norm propagates NaN and inf)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, norm_type=math.inf).isfinite()
+
+    @torch.no_grad()
+    def take_back_unless(self, finite: torch.Tensor) -> None:
+        """Where ``finite`` is False, put back what :meth:`save` copied."""
+        saved = {id(t) for t, _ in self._saved}
+        for tensor, copy in self._saved:
+            tensor.copy_(torch.where(finite, tensor, copy))
+        for tensor in self._state():
+            if id(tensor) not in saved:
+                tensor.copy_(torch.where(finite, tensor, torch.zeros_like(tensor)))
 
 
 def _gather_train_stats(sums, seen, y_pred, y_true):

@@ -102,6 +102,15 @@ class Task(nn.Module):
         """Override: loss (and logits) of an evaluation batch (see the module docstring)."""
         raise NotImplementedError
 
+    def part_weights(self) -> dict[str, float]:
+        """``{part: its weight in the training loss}`` for the named parts ``train_step`` returns.
+
+        The engine names a part's weight when the part grows by orders of magnitude or
+        becomes non-finite, so that the user sees which knob to turn; a part of weight 0 (a
+        count, e.g. ``n_tf``) is not watched for growth. Default: none declared.
+        """
+        return {}
+
     def weighted_ce_step(self, batch: dict) -> dict:
         """The predicting model's class-weighted cross-entropy: every KD task's ``eval_step``.
 
