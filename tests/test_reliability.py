@@ -3,7 +3,9 @@
 import importlib.util
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +20,7 @@ from raug.errors import ConfigError
 from raug.files.checkpoint import CheckpointError, load_checkpoint
 from raug.run.config import SHARED_CONFIG, check_save_folder, validate_config
 from raug.run.experiment import ProgressBarFilter
-from raug.run.runner import load_resume_state
+from raug.run.runner import HistoryOutputs, load_resume_state
 from raug.testing import write_prepared_dataset
 from raug.train.engine import FitSettings, NonFiniteLossError
 from raug.train.outputs import RunOutputs
@@ -262,6 +264,18 @@ def test_atomic_text_write_leaves_old_file_on_crash(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+def test_history_files_follow_every_last_checkpoint(tmp_path):
+    outputs = HistoryOutputs(tmp_path, is_main=True)
+    rows = [{"epoch": 1, "lr": 0.1, "train.loss": 2.0, "val.loss": 1.5}]
+    outputs.save_checkpoint(FitSettings.best_path, {"history": rows})
+    assert not (tmp_path / "history.csv").exists()  # the best checkpoint comes first
+    outputs.save_checkpoint(FitSettings.last_path, {"history": rows})
+    assert (tmp_path / "history.png").is_file()
+    rows.append({"epoch": 2, "lr": 0.1, "train.loss": 1.8, "val.loss": 1.2})
+    outputs.save_checkpoint(FitSettings.last_path, {"history": rows})
+    assert list(pd.read_csv(tmp_path / "history.csv")["val.loss"]) == [1.5, 1.2]
+
+
 def test_non_main_rank_writes_nothing(tmp_path):
     outputs = RunOutputs(tmp_path / "x", is_main=False)
     outputs.write_json("m.json", {"a": 1})
@@ -311,3 +325,96 @@ def test_mongo_observer_round_trip(tiny, tmp_path):
     frame = load_runs_mongo(os.environ["MONGO_URL"], db)
     assert list(frame["status"]) == ["COMPLETED"]
     assert frame.iloc[0]["test.accuracy"] == run.result["test.accuracy"]
+
+
+# ----------------------------------------------------------------------------- interrupts, -m
+
+
+def wait_for(condition, proc, timeout=120):
+    """Poll ``condition`` while ``proc`` runs; fail with its output if it never holds."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert condition(), proc.communicate()[0]
+
+
+def lines_with(text: str, needle: str) -> list[str]:
+    return [line for line in text.splitlines() if needle in line]
+
+
+def interrupt_run(tiny, folder: Path, signum: int) -> str:
+    """Start a 5-epoch run, send ``signum`` once an epoch is done; check the record, return the
+    resume command the run printed."""
+    proc = run_script(tiny, folder, "_epochs=5", env={"TINY_SLEEP": "0.3"})
+    wait_for(lambda: (folder / "history.png").is_file(), proc)  # written after every epoch
+    proc.send_signal(signum)
+    out = proc.communicate(timeout=60)[0]
+
+    assert proc.returncode == 128 + signum, out
+    assert "Traceback" not in out
+    assert json.loads((folder / "1" / "run.json").read_text())["status"] == "INTERRUPTED"
+    kept = load_checkpoint(folder / "last-checkpoint" / "last-checkpoint.pth")  # intact
+    assert 1 <= kept["epoch"] < 5
+    # history.csv follows the checkpoints (one epoch behind if stopped between the two writes)
+    history = pd.read_csv(folder / "history.csv")
+    assert len(history) in (kept["epoch"] - 1, kept["epoch"])
+    assert list(history["val.loss"]) == [row["val.loss"] for row in kept["history"][:len(history)]]
+
+    last = folder / "last-checkpoint" / "last-checkpoint.pth"
+    resume = shlex.join(["python", str(tiny["script"]), "with", "_resume=True", f"_save_folder={folder}",
+                         *TINY_ARGS, f"_base_path={tiny['data']}", "_epochs=5"])
+    assert lines_with(out, "save folder ") == [
+        f"INFO - raug.run.experiment - save folder {folder}; if interrupted, continue with: {resume}; "
+        f"list the runs: python -m raug.report.runs {folder}"]
+    assert lines_with(out, "INTERRUPTED") == [
+        f"WARNING - raug.run.experiment - run 1 INTERRUPTED; outputs in {folder}; the last checkpoint "
+        f"{last} is intact; continue with: {resume}"]
+    return resume
+
+
+def test_ctrl_c_records_interrupted_and_prints_the_resume_command(tiny, tmp_path):
+    interrupt_run(tiny, tmp_path / "run", signal.SIGINT)
+
+
+def test_sigterm_is_an_interrupt_and_the_printed_command_resumes(tiny, tmp_path):
+    folder = tmp_path / "run"
+    resume = interrupt_run(tiny, folder, signal.SIGTERM)
+    done = subprocess.run([sys.executable, *shlex.split(resume)[1:]], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((folder / "2" / "run.json").read_text())["status"] == "COMPLETED"
+    assert lines_with(done.stderr, "COMPLETED;") == [
+        f"INFO - raug.run.experiment - run 2 COMPLETED; outputs in {folder}; "
+        f"list the runs: python -m raug.report.runs {folder}"]
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_m_without_a_server_fails_in_seconds_before_the_run(tiny, tmp_path):
+    port = closed_port()
+    folder = tmp_path / "mongo"
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        tiny["ex"].run(config_updates=updates(tiny, folder, _epochs=1),
+                       options={"--mongo_db": f"127.0.0.1:{port}:raug_test"})
+    assert time.monotonic() - start < 10  # Sacred alone waits 30 s, then fails twice
+    assert str(error.value) == (
+        f"-m 127.0.0.1:{port}:raug_test: no MongoDB server answers at 127.0.0.1:{port} within 2 s "
+        f"(127.0.0.1:{port}: [Errno 111] Connection refused); start the server or correct "
+        "host:port, or run without -m to record the run in _save_folder")
+    assert not folder.exists()
+
+
+def test_m_without_a_server_prints_one_line(tiny, tmp_path):
+    port = closed_port()
+    proc = run_script(tiny, tmp_path / "mongo", "-m", f"127.0.0.1:{port}:raug_test")
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1
+    assert len(out.strip().splitlines()) == 1, out  # Sacred ends the message with a blank line
+    assert out.startswith(f"raug.run.experiment.ConfigError: -m 127.0.0.1:{port}:raug_test: no MongoDB")
+    assert not (tmp_path / "mongo").exists()

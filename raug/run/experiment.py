@@ -40,8 +40,11 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,8 +53,9 @@ from sacred import Experiment
 from sacred.config import chain_evaluate_config_scopes
 from sacred.dependencies import gather_sources_and_dependencies
 from sacred.observers import FileStorageObserver, RunObserver
+from sacred.observers.mongo import parse_mongo_db_arg
 from sacred.serializer import flatten
-from sacred.utils import SacredError
+from sacred.utils import SacredError, ensure_wellformed_argv
 
 import models
 from raug import errors
@@ -68,6 +72,7 @@ from raug.run.config import (
 from raug.run.pretrained import add_imagenet_weights_hook, needs_imagenet_weights
 from raug.run.runner import lock_save_folder, run_training
 from raug.train.distributed import get_rank
+from raug.train.engine import LAST_CHECKPOINT
 from raug.train.method import Check, Method
 
 log = logging.getLogger(__name__)
@@ -307,6 +312,118 @@ def worker_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return opts
 
 
+MONGO_PING_MS = 2000
+DEFAULT_MONGO_URL = "localhost:27017"  # MongoObserver's server when -m names a database only
+
+
+def check_mongo_observer(options: Mapping[str, Any] | None, timeout_ms: int = MONGO_PING_MS) -> None:
+    """Ping the MongoDB server of ``-m`` before the run starts.
+
+    Sacred's MongoObserver meets a missing server only at the run's start event: it waits
+    pymongo's 30 s server selection, prints its traceback, then a second ``TypeError`` from
+    its failed event. A short ping fails in seconds with one line, before any folder exists.
+
+    Raises:
+        ConfigError: the ``-m`` value cannot be parsed, or no server answers (names it and
+            what to do).
+    """
+    spec = (options or {}).get("--mongo_db")
+    if not spec:
+        return
+    import pymongo  # only runs recorded in MongoDB need it
+
+    try:
+        url = parse_mongo_db_arg(spec).get("url", DEFAULT_MONGO_URL)
+    except (AttributeError, ValueError):  # Sacred's parser fails on a value it cannot match
+        raise ConfigError(f"-m {spec} is invalid: expected [host:port:]db_name[.collection]") from None
+    client = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
+    try:
+        client.admin.command("ping")
+    except pymongo.errors.PyMongoError as exc:
+        reason = str(exc).split(" (configured timeouts")[0].split(", Timeout")[0]
+        raise ConfigError(
+            f"-m {spec}: no MongoDB server answers at {url} within {timeout_ms / 1000:g} s "
+            f"({reason}); start the server or correct host:port, or run without -m to record "
+            "the run in _save_folder"
+        ) from None
+    finally:
+        client.close()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an interrupt: Sacred records INTERRUPTED for it as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        """Remember the signal (the exit status is 128 + its number)."""
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread.
+
+    Python's default for SIGTERM (``kill``, a job scheduler, torchrun stopping its ranks)
+    ends the process on the spot: Sacred's record stays RUNNING and nothing says how to
+    continue. As an interrupt, the run unwinds like a Ctrl-C: INTERRUPTED in ``run.json``,
+    one line with the resume command. Only the main thread may set a handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_command(argv: list[str] | None, save_folder: str) -> str:
+    """The command that continues a run: its command line with ``_resume=True`` and its folder.
+
+    Other values stay as given: a resume refuses a config that differs (beyond
+    :data:`raug.run.config.RESUMABLE_CHANGES`). Without a command line (``ex.run()``),
+    the two keys alone.
+    """
+    keys = ["_resume=True", f"_save_folder={save_folder}"]
+    if not argv:
+        return shlex.join(keys)
+    kept = [a for a in argv[1:] if not a.startswith(("_resume=", "_save_folder="))]
+    if "with" in kept:
+        at = kept.index("with") + 1
+        kept[at:at] = keys
+    else:
+        kept += ["with", *keys]
+    return shlex.join(["python", argv[0], *kept])
+
+
+def runs_command(save_folder: str) -> str:
+    """The command that lists the runs of ``save_folder`` (:mod:`raug.report.runs`)."""
+    return shlex.join(["python", "-m", "raug.report.runs", save_folder])
+
+
+def end_message(run: Any, outcome: str, resume: str) -> str:
+    """One line at the end of a run: its outcome, where its outputs are, what to type next.
+
+    ``outcome``: ``COMPLETED``, ``FAILED`` or ``INTERRUPTED``. The resume command is given
+    when a last checkpoint exists (or the run was interrupted: it then starts afresh).
+    """
+    folder = run.config["_save_folder"]
+    last = Path(folder) / LAST_CHECKPOINT
+    name = "the run" if run._id is None else f"run {run._id}"  # None: --unobserved
+    line = f"{name} {outcome}; outputs in {folder}"
+    if outcome == "INTERRUPTED":
+        kept = f"the last checkpoint {last} is intact" if last.is_file() else "no checkpoint yet"
+        return f"{line}; {kept}; continue with: {resume}"
+    if outcome == "FAILED" and last.is_file():
+        line += f"; once the cause is fixed, continue with: {resume}"
+    return f"{line}; list the runs: {runs_command(folder)}"
+
+
 class RaugExperiment(Experiment):
     """A Sacred ``Experiment`` that resolves path values and knows about torchrun ranks.
 
@@ -347,8 +464,10 @@ class RaugExperiment(Experiment):
         run.config.update(resolve_path_updates(run.config, self.path_keys))
         folder = run.config.get("_save_folder")
         is_main_command = run.meta_info.get("command") == self.default_command
-        if is_main_command and get_rank() == 0 and isinstance(folder, str) and folder:
+        run.raug_announce = is_main_command and get_rank() == 0 and isinstance(folder, str) and bool(folder)
+        if run.raug_announce:
             with sacred_errors():
+                check_mongo_observer(options)
                 run.raug_lock = lock_save_folder(folder)
         return run
 
@@ -364,19 +483,56 @@ class RaugExperiment(Experiment):
             raise RuntimeError(f"experiment {self.path!r} was made without a method")
         return run_training(_run, config, self.method, validated=True)
 
+    command_line: list[str] | None = None
+
     def run(self, command_name=None, config_updates=None, named_configs=(), info=None,
             meta_info=None, options=None):
-        """Sacred's ``run``, releasing the ``_save_folder`` lock when the run ends."""
+        """Sacred's ``run``, releasing the ``_save_folder`` lock when the run ends.
+
+        The main command logs its save folder with the resume and list commands at the
+        start, and one line with the outcome at the end.
+        """
         run = self._create_run(command_name, config_updates, named_configs, info, meta_info,
                                options)
+        announce = run.raug_announce
+        resume = resume_command(self.command_line, run.config.get("_save_folder")) if announce else ""
+        if announce:
+            folder = run.config["_save_folder"]
+            log.info("save folder %s; if interrupted, continue with: %s; list the runs: %s",
+                     folder, resume, runs_command(folder))
         try:
             with sacred_errors():  # the runner's refusals and a full disk print one line
                 run()
+        except KeyboardInterrupt:
+            if announce:
+                log.warning("%s", end_message(run, "INTERRUPTED", resume))
+            raise
+        except BaseException:
+            if announce:
+                log.error("%s", end_message(run, "FAILED", resume))
+            raise
+        else:
+            if announce:
+                log.info("%s", end_message(run, "COMPLETED", resume))
         finally:
             lock = getattr(run, "raug_lock", None)
             if lock is not None:
                 lock.release()
         return run
+
+    def run_commandline(self, argv=None):
+        """Sacred's command line; SIGTERM interrupts like Ctrl-C, and neither prints a traceback.
+
+        The run logged its INTERRUPTED line with the resume command (:meth:`run`); the
+        process exits with 128 + the signal number, as a shell reports a signal.
+        """
+        argv = ensure_wellformed_argv(argv)
+        self.command_line = list(argv)
+        with sigterm_interrupts():
+            try:
+                return super().run_commandline(argv)
+            except KeyboardInterrupt as exc:
+                sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
 
 
 def declared_keys(configurations: Iterable[Any], named_configs: Mapping[str, Any]) -> frozenset[str]:
