@@ -47,3 +47,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def mongo_url(tmp_path_factory) -> str:
+    """``mongodb://127.0.0.1:PORT`` of an nx-27017 server for this session (tests/mongo_server.py).
+
+    Tests share the server: each uses a database of its own. Skipped, with the reason, where
+    nx-27017 is not installed (tools/env.sh installs it, so CI has it; offline it may not).
+    """
+    pytest.importorskip("nx_27017", reason="nx-27017 is not installed (tools/env.sh): "
+                                           "no MongoDB server to test against")
+    from mongo_server import running
+
+    with running(tmp_path_factory.mktemp("mongo")) as url:
+        yield url

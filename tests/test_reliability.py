@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
@@ -313,16 +314,15 @@ def test_default_observer_writes_into_the_save_folder_unless_F_is_given(tiny, tm
     assert (out / "test_pred" / "predictions.csv").is_file()
 
 
-@pytest.mark.skipif("MONGO_URL" not in os.environ, reason="set MONGO_URL (host:port) to test -m")
-def test_mongo_observer_round_trip(tiny, tmp_path):
+def test_mongo_observer_round_trip(tiny, tmp_path, mongo_url):
     from raug.report.runs import load_runs_mongo
 
     db = f"raug_test_{os.getpid()}"
     run = tiny["ex"].run(config_updates=updates(tiny, tmp_path / "m", _epochs=1),
-                         options={"--mongo_db": f"{os.environ['MONGO_URL']}:{db}"})
+                         options={"--mongo_db": f"{urlsplit(mongo_url).netloc}:{db}"})
     assert run.status == "COMPLETED"
     assert not (tmp_path / "m" / "1").exists()  # -m replaces the default observer
-    frame = load_runs_mongo(os.environ["MONGO_URL"], db)
+    frame = load_runs_mongo(mongo_url, db)
     assert list(frame["status"]) == ["COMPLETED"]
     assert frame.iloc[0]["test.accuracy"] == run.result["test.accuracy"]
 

@@ -1,10 +1,12 @@
-"""The runs table: FileStorage discovery, columns, CLI formats (MongoDB only with MONGO_URL)."""
+"""The runs table: FileStorage discovery, columns, CLI formats, the MongoDB reader."""
 
 import io
 import json
-import os
+from datetime import UTC, datetime, timedelta
 
+import gridfs
 import pandas as pd
+import pymongo
 import pytest
 
 from raug.report.runs import load_runs, load_runs_mongo, main, to_markdown
@@ -93,10 +95,33 @@ def test_markdown_cells():
     assert to_markdown(frame).splitlines()[2:] == ["| 0.1235 | x |", "|  |  |"]
 
 
-@pytest.mark.skipif("MONGO_URL" not in os.environ, reason="set MONGO_URL (host:port) to test the MongoDB reader")
-def test_mongo_reader():
-    frame = load_runs_mongo(os.environ["MONGO_URL"], os.environ.get("MONGO_DB", "sacred"))
-    assert {"id", "script", "status", "start"} <= set(frame.columns)
+def test_mongo_reader(mongo_url):
+    # Sacred's MongoObserver layout, written by hand: tests/test_mongo.py has real runs.
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+    db = client["test_runs_reader"]
+    metrics_id = gridfs.GridFS(db).put(json.dumps({"test.auc.MEL": 0.95}).encode())
+    start = datetime(2026, 1, 2, 3, 4, 5)
+    db["runs"].insert_many([
+        {"_id": 1, "experiment": {"name": "isic"}, "status": "COMPLETED", "start_time": start,
+         "stop_time": start + timedelta(seconds=90.5), "config": {"_folder": 2, "seed": 1},
+         "result": {"test.accuracy": 0.7}, "captured_out": "log",
+         "artifacts": [{"name": "final_metrics.json", "file_id": metrics_id}]},
+        {"_id": 2, "experiment": {"name": "isic_d_kd"}, "status": "FAILED",
+         "start_time": start + timedelta(hours=1), "stop_time": start + timedelta(hours=1, seconds=10),
+         "config": {"_best_metric": "loss"}, "fail_trace": ["Traceback"], "artifacts": []},
+    ])
+    db["metrics"].insert_one({"run_id": 2, "name": "val.loss", "steps": [1, 2], "values": [0.9, 0.4]})
+    client.close()
+
+    frame = load_runs_mongo(mongo_url, "test_runs_reader")
+    assert list(frame["id"]) == ["1", "2"]
+    assert list(frame["status"]) == ["COMPLETED", "FAILED"]
+    assert set(frame["path"]) == {f"{mongo_url}/test_runs_reader"}
+    assert list(frame["duration_s"]) == [90.5, 10.0]
+    assert frame.iloc[0]["test.auc.MEL"] == 0.95  # the final_metrics.json artifact
+    assert (frame.iloc[1]["best_val"], frame.iloc[1]["best_epoch"]) == (0.4, 2.0)  # best so far
+    assert "captured_out" not in frame
+    pd.testing.assert_frame_equal(load_runs(f"{mongo_url}/test_runs_reader"), frame)
 
 
 def test_a_cut_run_json_is_skipped_and_reported_not_fatal(results, capsys):
@@ -116,9 +141,44 @@ def test_a_cut_run_json_is_skipped_and_reported_not_fatal(results, capsys):
     assert main([str(results)]) == 0
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [str(s) for s in skipped]
-    assert [line.split()[3] for line in captured.out.splitlines()[1:]] == ["COMPLETED", "RUNNING"]
+    # its heartbeat (2026-01-02) stopped long ago: the table calls it dead, Sacred's record RUNNING
+    assert [line.split()[3] for line in captured.out.splitlines()[1:]] == ["COMPLETED", "DIED?"]
 
     for run_dir in (results / "isic_teacher_fold2" / "1", results / "dkd" / "2"):
         (run_dir / "run.json").write_text("")
     assert main([str(results)]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == "no readable Sacred runs found"
+
+
+def beat(seconds_ago: float) -> str:
+    """A heartbeat ``seconds_ago`` in Sacred's format (naive UTC)."""
+    return (datetime.now(UTC) - timedelta(seconds=seconds_ago)).replace(tzinfo=None).isoformat()
+
+
+def test_a_running_run_whose_heartbeat_stopped_shows_died(tmp_path, capsys):
+    config = {"_save_folder": str(tmp_path / "x")}
+    fake_run(tmp_path / "x", 1, "isic", "RUNNING", config, start=beat(600), stop=beat(5))
+    fake_run(tmp_path / "x", 2, "isic", "RUNNING", config, start=beat(500), stop=beat(31))  # > 3 x 10 s
+    slow = fake_run(tmp_path / "x", 3, "isic", "RUNNING", config, start=beat(400), stop=beat(100))
+    run = json.loads((slow / "run.json").read_text())
+    (slow / "run.json").write_text(json.dumps({**run, "meta": {"options": {"--beat_interval": "60"}}}))
+    fake_run(tmp_path / "x", 4, "isic", "INTERRUPTED", config, start=beat(300), stop=beat(200))
+    frame = load_runs(tmp_path)
+    assert list(frame["status"]) == ["RUNNING", "RUNNING", "RUNNING", "INTERRUPTED"]  # Sacred's record
+    assert list(frame["state"]) == ["RUNNING", "DIED?", "RUNNING", "INTERRUPTED"]
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    shown = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(shown["status"]) == ["RUNNING", "DIED?", "RUNNING", "INTERRUPTED"]
+
+
+def test_a_run_without_result_shows_its_best_validation_value_so_far(tmp_path):
+    curve = {"steps": [1, 2, 3], "values": [0.9, 0.5, 0.7], "timestamps": ["t"] * 3}
+    acc = {"steps": [1, 2, 3], "values": [0.2, 0.6, 0.4], "timestamps": ["t"] * 3}
+    for run_id, best_metric in ((1, "loss"), (2, "accuracy")):
+        run_dir = fake_run(tmp_path / "x", run_id, "isic", "RUNNING",
+                           {"_save_folder": str(tmp_path / "x"), "_best_metric": best_metric},
+                           start=beat(100 - run_id), stop=beat(1))
+        (run_dir / "metrics.json").write_text(json.dumps({"val.loss": curve, "val.accuracy": acc}))
+    frame = load_runs(tmp_path)
+    assert list(frame["best_val"]) == [0.5, 0.6]
+    assert list(frame["best_epoch"]) == [2.0, 2.0]

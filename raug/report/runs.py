@@ -6,14 +6,19 @@
 reads a MongoObserver database instead (default db ``sacred``). Columns:
 
 * ``id``, ``folder`` (name of the run's ``_save_folder``),
-  ``path``, ``script`` (experiment name), ``status``, ``start``,
-  ``stop``, ``heartbeat`` (UTC timestamps), ``duration_s``;
+  ``path``, ``script`` (experiment name), ``status`` (Sacred's record), ``state`` (the
+  status, but ``DIED?`` for a RUNNING run whose heartbeat is older than
+  :data:`STALE_BEATS` heartbeat intervals: killed with ``kill -9``, or hung; the table
+  shows it in the ``status`` column), ``start``, ``stop``, ``heartbeat`` (UTC timestamps),
+  ``duration_s``;
 * every config key (nested keys dotted), e.g. ``_folder``, ``seed``, ``_kd_method``;
 * every final metric of the run's result (``best_epoch``, ``test.balanced_accuracy``, ...),
   completed by ``<_save_folder>/metrics.json`` (per-class values) for the run that
   wrote it. The engine evaluates the BEST checkpoint (``val.*``, ``test.*``); values
   of the last checkpoint, where a run has them, are named ``last.val.*``, ``last.test.*``;
-* ``best_val`` (the validation value of ``_best_metric`` at the best epoch);
+* ``best_val`` (the validation value of ``_best_metric`` at the best epoch; for a run
+  without a result, RUNNING or not, the best so far in its per-epoch ``metrics.json``,
+  with ``best_epoch``);
 * ``split_hash``: the prepared split the run trained on (Sacred run info, written by
   :func:`raug.run.experiment.run_training`; ``None`` for runs that predate it).
 
@@ -51,6 +56,7 @@ import pandas as pd
 
 from raug.files.paths import COMPLETED_MARKER
 from raug.report import aggregate
+from raug.train.early_stopping import metric_mode
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +87,38 @@ def _read_json(path: Path) -> Any:
 
 MONGO_SCHEMES = ("mongodb://", "mongodb+srv://")
 DEFAULT_MONGO_DB = "sacred"
+DEFAULT_BEAT_INTERVAL_S = 10.0  # Sacred's SETTINGS.DEFAULT_BEAT_INTERVAL; the scripts keep it
+STALE_BEATS = 3
+
+
+def beat_interval(run: Mapping[str, Any]) -> float:
+    """Seconds between the run's heartbeats: its ``--beat_interval`` option, else Sacred's default."""
+    options = (run.get("meta") or {}).get("options") or {}
+    try:
+        return float(options.get("--beat_interval") or DEFAULT_BEAT_INTERVAL_S)
+    except (TypeError, ValueError):
+        return DEFAULT_BEAT_INTERVAL_S
+
+
+def run_state(status: Any, last_beat: pd.Timestamp, interval_s: float, now: pd.Timestamp) -> Any:
+    """Sacred's status, except ``DIED?`` for a RUNNING run whose heartbeat stopped.
+
+    A process killed with ``kill -9`` (or lost with its machine) cannot update its record:
+    it stays RUNNING forever. While it lives, Sacred rewrites the heartbeat every
+    ``interval_s``; one older than :data:`STALE_BEATS` intervals means it is gone, or hung
+    (hence the question mark). A run stopped by Ctrl-C or SIGTERM is INTERRUPTED already.
+    """
+    if status != "RUNNING" or pd.isna(last_beat):
+        return status
+    return "DIED?" if (now - last_beat).total_seconds() > STALE_BEATS * interval_s else status
 
 
 def run_row(run: Mapping[str, Any], config: Mapping[str, Any], run_id: str, path: str,
-            info: Mapping[str, Any] | None = None) -> dict:
-    """One table row from Sacred's run record, config and info (FileStorage or MongoDB layout)."""
+            info: Mapping[str, Any] | None = None, now: pd.Timestamp | None = None) -> dict:
+    """One table row from Sacred's run record, config and info (FileStorage or MongoDB layout).
+
+    ``now`` (UTC) dates the heartbeats for ``state`` (default: the current time).
+    """
     config = {k: v for k, v in config.items() if k != "__doc__"}
     save_folder = config.get("_save_folder")
     row: dict[str, Any] = {
@@ -98,6 +131,9 @@ def run_row(run: Mapping[str, Any], config: Mapping[str, Any], run_id: str, path
         "stop": pd.to_datetime(run.get("stop_time"), utc=True),
         "heartbeat": pd.to_datetime(run.get("heartbeat"), utc=True),
     }
+    last_beat = row["heartbeat"] if pd.notna(row["heartbeat"]) else row["start"]
+    row["state"] = run_state(row["status"], last_beat, beat_interval(run),
+                             pd.Timestamp.now(tz="UTC") if now is None else now)
     end = row["stop"] if pd.notna(row["stop"]) else row["heartbeat"]
     row["duration_s"] = (end - row["start"]).total_seconds() if pd.notna(end) and pd.notna(row["start"]) else math.nan
     row.update(_flatten(config))
@@ -108,6 +144,22 @@ def run_row(run: Mapping[str, Any], config: Mapping[str, Any], run_id: str, path
     row["best_val"] = row.get(f"best.val_{best_metric}", math.nan)
     row["split_hash"] = (info or {}).get("split_hash")
     return row
+
+
+def best_so_far(metrics: Mapping[str, Any], best_metric: str) -> dict[str, float]:
+    """``best_val`` and ``best_epoch`` from a run's per-epoch Sacred metrics, or nothing.
+
+    A run records its best value only when it ends; its ``val.<metric>`` curve shows how
+    far a RUNNING (or dead) run got.
+    """
+    curve = metrics.get(f"val.{best_metric}")
+    if not isinstance(curve, Mapping) or not curve.get("values"):
+        return {}
+    values = pd.Series(curve["values"], index=curve.get("steps"), dtype=float).dropna()
+    if values.empty:
+        return {}
+    epoch = values.idxmin() if metric_mode(best_metric) == "min" else values.idxmax()
+    return {"best_val": float(values[epoch]), "best_epoch": float(epoch)}
 
 
 def _completed_metrics(config: Mapping[str, Any], run_id: str) -> dict[str, Any]:
@@ -174,7 +226,7 @@ def load_runs(paths: str | Path | Iterable[str | Path],
 
     Returns:
         A DataFrame sorted by start time. Columns: ``id``, ``folder``, ``path``,
-        ``script``, ``status``, ``start``, ``stop``, ``heartbeat``, ``duration_s``,
+        ``script``, ``status``, ``state``, ``start``, ``stop``, ``heartbeat``, ``duration_s``,
         every config key (dotted), ``best_epoch`` and every final metric
         (``val.*``/``test.*`` of the best checkpoint, ``last.*`` where written,
         per-class values from ``metrics.json``), ``best_val``, ``split_hash``
@@ -188,7 +240,7 @@ def load_runs(paths: str | Path | Iterable[str | Path],
     paths = list(paths)
     mongo = [load_runs_mongo(url, mongo_db_name(url)) for url in paths if is_mongo_url(url)]
     folders = [p for p in paths if not is_mongo_url(p)]
-    rows = []
+    rows, now = [], pd.Timestamp.now(tz="UTC")
     for run_dir in find_run_dirs(folders):
         try:
             run, config = _read_record(run_dir)
@@ -200,9 +252,12 @@ def load_runs(paths: str | Path | Iterable[str | Path],
                 skipped.append(note)
             continue
         info = _read_optional_json(run_dir / "info.json")
-        row = run_row(run, config, run_dir.name, str(run_dir), info)
+        row = run_row(run, config, run_dir.name, str(run_dir), info, now)
         if row["status"] == "COMPLETED":
             row.update({k: v for k, v in _completed_metrics(config, run_dir.name).items() if k not in row})
+        elif pd.isna(row["best_val"]):
+            row.update(best_so_far(_read_optional_json(run_dir / "metrics.json"),
+                                   config.get("_best_metric", "loss")))
         rows.append(row)
     frames = [f for f in (*mongo, _frame(rows)) if not f.empty]
     if len(frames) > 1:
@@ -226,7 +281,8 @@ def _read_record(run_dir: Path) -> tuple[dict, dict]:
 
 
 def _read_optional_json(path: Path) -> dict:
-    # info.json only adds split_hash: a cut one costs that column, not the run's row.
+    # info.json (split_hash) and metrics.json (the best so far) only add columns: a cut
+    # one costs those, not the run's row.
     if not path.is_file():
         return {}
     try:
@@ -238,19 +294,58 @@ def _read_optional_json(path: Path) -> dict:
 
 
 def load_runs_mongo(url: str, db_name: str = DEFAULT_MONGO_DB) -> pd.DataFrame:
-    """One row per run stored by Sacred's MongoObserver in ``db_name`` at ``url``."""
+    """One row per run stored by Sacred's MongoObserver in ``db_name`` at ``url``.
+
+    The rows have the columns :func:`load_runs` gives the same runs from their folders: a
+    COMPLETED run's per-class values come from its ``final_metrics.json`` artifact (GridFS,
+    the copy of ``<_save_folder>/metrics.json``), another run's best value so far from its
+    per-epoch metrics (the ``metrics`` collection), so the table needs no run folder.
+    """
     import pymongo
 
     client = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000)
     try:
-        docs = list(client[db_name]["runs"].find({}, {"captured_out": 0}))
+        db = client[db_name]
+        where = url if urlsplit(url).path.strip("/") else f"{url.rstrip('/')}/{db_name}"
+        rows = [_mongo_row(db, doc, where) for doc in db["runs"].find({}, {"captured_out": 0})]
     finally:
         client.close()
-    where = url if urlsplit(url).path.strip("/") else f"{url.rstrip('/')}/{db_name}"
-    rows = [run_row(doc, doc.get("config", {}), str(doc["_id"]), where,
-                    doc.get("info") if isinstance(doc.get("info"), Mapping) else {})
-            for doc in docs]
     return _frame(rows)
+
+
+METRICS_ARTIFACT = "final_metrics.json"  # raug.run.runner's artifact name for metrics.json
+
+
+def _mongo_row(db: Any, doc: Mapping[str, Any], where: str) -> dict:
+    """:func:`run_row` of one ``runs`` document, completed as :func:`load_runs` completes a folder's."""
+    config = doc.get("config") or {}
+    row = run_row(doc, config, str(doc["_id"]), where,
+                  doc.get("info") if isinstance(doc.get("info"), Mapping) else {})
+    if row["status"] == "COMPLETED":
+        row.update({k: v for k, v in _artifact_json(db, doc, METRICS_ARTIFACT).items() if k not in row})
+    elif pd.isna(row["best_val"]):
+        curves = {m["name"]: m for m in db["metrics"].find({"run_id": doc["_id"]}) if "name" in m}
+        row.update(best_so_far(curves, config.get("_best_metric", "loss")))
+    return row
+
+
+def _artifact_json(db: Any, doc: Mapping[str, Any], name: str) -> dict:
+    """The run's artifact ``name`` (GridFS) as a JSON object; ``{}`` if absent or unreadable.
+
+    By the file id the run document lists: servers differ in how they name GridFS's
+    collections (``fs.files``; nx-27017 lists ``fs_files``), not in ``GridFS.get``.
+    """
+    import gridfs
+
+    ids = [a.get("file_id") for a in doc.get("artifacts") or []
+           if isinstance(a, Mapping) and a.get("name") == name]
+    if not ids:
+        return {}
+    try:
+        data = json.loads(gridfs.GridFS(db).get(ids[-1]).read())
+    except (gridfs.errors.NoFile, ValueError):  # ValueError: bad JSON or UTF-8
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -264,8 +359,13 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def display_frame(frame: pd.DataFrame, columns: Iterable[str] = DISPLAY_COLUMNS) -> pd.DataFrame:
-    """The columns worth showing (those present), times rounded to the second."""
+    """The columns worth showing (those present), times rounded to the second.
+
+    The ``status`` column shows ``state``: a dead run reads ``DIED?``, not RUNNING.
+    """
     shown = frame[[c for c in columns if c in frame.columns]].copy()
+    if "state" in frame and "status" in shown:
+        shown["status"] = frame["state"]
     if "start" in shown:
         shown["start"] = shown["start"].dt.strftime("%Y-%m-%d %H:%M:%S")
     if "duration_s" in shown:
