@@ -40,7 +40,9 @@ def test_ctrl_c_waits_for_the_step_and_prints_one_line(tmp_path):
     job = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(JOB), str(ROOT / "tools" / "main_job.py"),
          textwrap.dedent(STEP), str(ready), str(stopped), str(tmp_path / "out")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # a test run from a background shell (`cmd &`) inherits SIGINT ignored: restore it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not ready.exists() and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)

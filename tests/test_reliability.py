@@ -174,11 +174,17 @@ def test_check_save_folder_rules(tmp_path):
 # ----------------------------------------------------------------------------- crashes
 
 
+def interruptible() -> None:
+    """Default SIGINT in the child: a test run from a background shell (``cmd &``) inherits
+    SIGINT ignored, and Python then never raises KeyboardInterrupt for it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_script(tiny, folder, *extra, env=None):
     cmd = [sys.executable, str(tiny["script"]), "with", *TINY_ARGS,
            f"_base_path={tiny['data']}", f"_save_folder={folder}", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=interruptible)
 
 
 def last_epoch(folder: Path) -> int:

@@ -15,7 +15,19 @@ from typing import Any
 import models
 from raug.data.loaders import META_COLUMNS
 
-METADATA_KEYS = ("_use_meta_data", "_comb_method", "_comb_config", "_neurons_reducer_block")
+# The seed's defaults (image only); raug.run.config.SHARED_CONFIG takes them from here.
+METADATA_DEFAULTS: dict[str, Any] = {
+    "_use_meta_data": False,
+    "_comb_method": None,  # None / "concat" / "metablock" / "metanet"
+    "_comb_config": None,  # concat: M; metablock: [maps, M] or M; metanet: [M, hidden, maps] or M
+    "_neurons_reducer_block": 0,  # n > 0: Linear(C, n) + BN + ReLU + Dropout(0.5) before the classifier
+}
+METADATA_KEYS = tuple(METADATA_DEFAULTS)
+
+
+def _keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The four keys of ``config``, defaults for those it lacks (a partial config in a check)."""
+    return {key: config.get(key, default) for key, default in METADATA_DEFAULTS.items()}
 
 
 def fusion_spec(config: Mapping[str, Any], model_key: str) -> models.FusionSpec:
@@ -26,8 +38,9 @@ def fusion_spec(config: Mapping[str, Any], model_key: str) -> models.FusionSpec:
         ValueError: unknown model name.
     """
     name = models.canonical_name(config[model_key])
+    keys = _keys(config)
     return models.FusionSpec.from_config(
-        config["_comb_method"], config["_comb_config"], config["_neurons_reducer_block"],
+        keys["_comb_method"], keys["_comb_config"], keys["_neurons_reducer_block"],
         models.NUM_FEATURES[name],
     )
 
@@ -39,7 +52,8 @@ def metadata_problems(config: Mapping[str, Any], model_key: str) -> list[str]:
     wrong form or one whose maps do not divide the network's pooled features, a reducer
     that is not an int >= 0, and a metadata width other than the prepared columns'.
     """
-    use, method = config["_use_meta_data"], config["_comb_method"]
+    keys = _keys(config)
+    use, method = keys["_use_meta_data"], keys["_comb_method"]
     if use is True and method is None:
         return ["_use_meta_data=True needs _comb_method: one of "
                 + ", ".join(repr(m) for m in models.COMB_METHODS)
@@ -54,7 +68,7 @@ def metadata_problems(config: Mapping[str, Any], model_key: str) -> list[str]:
     except (ValueError, KeyError):  # unknown model: the model check names it
         return []
     if spec.uses_metadata and spec.meta_features != len(META_COLUMNS):
-        return [f"_comb_config={config['_comb_config']!r} gives {spec.meta_features} metadata "
+        return [f"_comb_config={keys['_comb_config']!r} gives {spec.meta_features} metadata "
                 f"features but the prepared data has {len(META_COLUMNS)} columns "
                 f"({', '.join(META_COLUMNS)})"]
     return []

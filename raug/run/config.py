@@ -24,6 +24,7 @@ from raug.files.paths import (
     REPO_ROOT,
     RESULTS_DIR,
 )
+from raug.methods.metadata import METADATA_DEFAULTS
 from raug.train.device import AMP_CHOICES, amp_problem, check_device
 from raug.train.distributed import get_rank
 from raug.train.engine import VAL_METRICS
@@ -49,10 +50,7 @@ SHARED_CONFIG: dict[str, Any] = {
     "_pretrained": True,  # ImageNet backbone from the local torch hub cache
     # patient metadata fused with the image features (the seed's MetaBlock keys; they
     # describe the network the script trains, a KD student; docs/metadata.md)
-    "_use_meta_data": False,
-    "_comb_method": None,  # None / "concat" / "metablock" / "metanet"
-    "_comb_config": None,  # concat: M; metablock: [maps, M] or M; metanet: [M, hidden, maps] or M
-    "_neurons_reducer_block": 0,  # n > 0: Linear(C, n) + BN + ReLU + Dropout(0.5) before the classifier
+    **METADATA_DEFAULTS,
     "_img_size": 224,
     "_device": "auto",  # auto / cpu / cuda / cuda:<i>
     # None (or "auto"): min(8, CPUs // processes on this node), see
