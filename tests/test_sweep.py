@@ -30,7 +30,6 @@ from raug.run.sweep import (
     build_command,
     find_teachers,
     folder_state,
-    main,
     parse_grid,
     plan_sweep,
     resolve_script,
@@ -39,6 +38,7 @@ from raug.run.sweep import (
     split_values,
     subprocess_runner,
 )
+from raug.run.sweep_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,12 +3,16 @@
 Usage::
 
     python tools/sweep.py SCRIPT --folds 1 2 3 4 5 --seeds 0 1 2 --out DIR \\
-        [--grid KEY=V1,V2 ...] [--teachers DIR] [--dry-run] -- [sacred overrides ...]
+        [--grid KEY=V1,V2 ...] [--teachers DIR] [--dry-run | --status] \\
+        [--launcher local [--parallel N --devices D1,...] | --launcher slurm [...]] -- [sacred overrides ...]
 
-Every combination runs sequentially as a subprocess (``sys.executable SCRIPT
+By default every combination runs sequentially as a subprocess (``sys.executable SCRIPT
 with _folder=F seed=S KEY=V ... <overrides> _save_folder=DIR/<name>``) into its
 own save folder ``DIR/fold<F>-seed<S>[-KEY=V...]``. The child's output goes to
 ``<save folder>/sweep.log``; the terminal shows one progress line per run.
+``--parallel N --devices ...`` runs N at a time, one per device, and ``--launcher slurm``
+submits them as a SLURM job array (:mod:`raug.run.launchers`, docs/cluster.md);
+``--status`` prints each cell's state. The command line itself is :mod:`raug.run.sweep_cli`.
 
 Rerunning the same command finishes an interrupted sweep. Per save folder
 (:func:`folder_state`):
@@ -41,7 +45,6 @@ same fold found below ``DIR`` (same seed if there is one, else the lowest seed).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import ctypes
 import functools
@@ -68,7 +71,7 @@ import pandas as pd
 from raug.files import runlock
 from raug.files.paths import COMPLETED_MARKER, REPO_ROOT
 from raug.report.runs import find_run_dirs, load_runs
-from raug.run.config import SHARED_CONFIG, finished_run_markers
+from raug.run.config import finished_run_markers
 
 EXPERIMENT_DIR = REPO_ROOT / "experiment" / "isic"
 TEACHER_SCRIPT = "isic"  # Sacred experiment name of the teacher script
@@ -464,7 +467,7 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def _stop(proc: subprocess.Popen, interrupted: bool) -> None:
+def stop_run(proc: subprocess.Popen, interrupted: bool) -> None:
     """Stop a run the sweep is leaving: SIGTERM, then SIGKILL if it lingers.
 
     Args:
@@ -482,11 +485,14 @@ def _stop(proc: subprocess.Popen, interrupted: bool) -> None:
             continue
 
 
-def subprocess_runner(command: list[str], log_path: Path) -> int:
+def subprocess_runner(command: list[str], log_path: Path,
+                      live: set[subprocess.Popen] | None = None) -> int:
     """Run ``command``, appending its stdout and stderr to ``log_path``; returns the exit code.
 
     The child dies with the sweep (see :func:`_die_with_parent`); if the sweep is
     interrupted while waiting (Ctrl-C, SIGTERM), the child is stopped before it returns.
+    ``live`` holds the child while it runs: a signal reaches only the main thread, so the
+    parallel launcher stops the runs of its worker threads through it.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log:
@@ -494,11 +500,15 @@ def subprocess_runner(command: list[str], log_path: Path) -> int:
         log.flush()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent())
+        live = set() if live is None else live
+        live.add(proc)
         try:
             return proc.wait()
         except BaseException as exc:
-            _stop(proc, interrupted=isinstance(exc, KeyboardInterrupt))
+            stop_run(proc, interrupted=isinstance(exc, KeyboardInterrupt))
             raise
+        finally:
+            live.discard(proc)
 
 
 @dataclass
@@ -553,6 +563,49 @@ def _recheck(item: PlannedRun) -> PlannedRun:
     return PlannedRun(item.combo, item.save_folder, state, command, item.make_command)
 
 
+def run_item(item: PlannedRun, prefix: str, out: Path, report: SweepReport, runner: Runner,
+             stream: TextIO, busy_wait_s: float) -> None:
+    """Run one planned combination (see :func:`run_sweep`), printing its line and filing its outcome.
+
+    Shared by the sequential sweep and the one-run-per-device launcher
+    (:mod:`raug.run.launchers`), so both skip, resume and report alike.
+    """
+    print(f"{prefix} {item.combo.label} ...", end=" ", file=stream, flush=True)
+    if item.state.state is State.BUSY or runlock.is_locked(item.save_folder):
+        if _wait_until_free(item.save_folder, busy_wait_s):
+            item = _recheck(item)
+        if item.state.state is State.BUSY or runlock.is_locked(item.save_folder):
+            who = runlock.holder(item.save_folder) or runlock.LockHolder()
+            print(f"busy: in use by {who.describe()}; not started (rerun the sweep once "
+                  "that run has ended)", file=stream, flush=True)
+            report.busy.append(item.combo.label)
+            return
+    if item.command is None:
+        print("skipped (already COMPLETED)", file=stream, flush=True)
+        report.skipped.append(item.combo.label)
+        return
+    if item.state.state is State.STALE:
+        moved = move_stale(item.save_folder, out)
+        print(f"{item.state.detail}: moved to {moved} ...", end=" ", file=stream, flush=True)
+    elif item.state.state is State.RESUME:
+        print(f"{item.state.detail} ...", end=" ", file=stream, flush=True)
+    item.save_folder.mkdir(parents=True, exist_ok=True)
+    before = set(find_run_dirs([item.save_folder]))
+    start = time.monotonic()
+    code = runner(item.command, item.save_folder / LOG_NAME)
+    seconds = time.monotonic() - start
+    if code == 0 and folder_state(item.save_folder).state is State.COMPLETED:
+        print(f"COMPLETED in {seconds:.0f} s", file=stream, flush=True)
+        report.completed.append(item.combo.label)
+        return
+    if code < 0:
+        why = f"killed by signal {-code}"
+    else:
+        why = f"exit {code}" if code else "exit 0 but the run is not COMPLETED"
+    print(f"FAILED ({why}), {_failure_hint(item.save_folder, before)}", file=stream, flush=True)
+    report.failed.append(f"{item.combo.label} ({why})")
+
+
 def run_sweep(plan: Sequence[PlannedRun], out: str | Path, runner: Runner = subprocess_runner,
               stream: TextIO | None = None, busy_wait_s: float | None = None) -> SweepReport:
     """Run the planned combinations one after the other; a failure does not stop the sweep.
@@ -574,40 +627,7 @@ def run_sweep(plan: Sequence[PlannedRun], out: str | Path, runner: Runner = subp
     out = Path(out).expanduser().resolve()
     report = SweepReport([], [], [])
     for i, item in enumerate(plan, start=1):
-        print(f"[{i}/{len(plan)}] {item.combo.label} ...", end=" ", file=stream, flush=True)
-        if item.state.state is State.BUSY or runlock.is_locked(item.save_folder):
-            if _wait_until_free(item.save_folder, busy_wait_s):
-                item = _recheck(item)
-            if item.state.state is State.BUSY or runlock.is_locked(item.save_folder):
-                who = runlock.holder(item.save_folder) or runlock.LockHolder()
-                print(f"busy: in use by {who.describe()}; not started (rerun the sweep once "
-                      "that run has ended)", file=stream, flush=True)
-                report.busy.append(item.combo.label)
-                continue
-        if item.command is None:
-            print("skipped (already COMPLETED)", file=stream, flush=True)
-            report.skipped.append(item.combo.label)
-            continue
-        if item.state.state is State.STALE:
-            moved = move_stale(item.save_folder, out)
-            print(f"{item.state.detail}: moved to {moved} ...", end=" ", file=stream, flush=True)
-        elif item.state.state is State.RESUME:
-            print(f"{item.state.detail} ...", end=" ", file=stream, flush=True)
-        item.save_folder.mkdir(parents=True, exist_ok=True)
-        before = set(find_run_dirs([item.save_folder]))
-        start = time.monotonic()
-        code = runner(item.command, item.save_folder / LOG_NAME)
-        seconds = time.monotonic() - start
-        if code == 0 and folder_state(item.save_folder).state is State.COMPLETED:
-            print(f"COMPLETED in {seconds:.0f} s", file=stream, flush=True)
-            report.completed.append(item.combo.label)
-            continue
-        if code < 0:
-            why = f"killed by signal {-code}"
-        else:
-            why = f"exit {code}" if code else "exit 0 but the run is not COMPLETED"
-        print(f"FAILED ({why}), {_failure_hint(item.save_folder, before)}", file=stream, flush=True)
-        report.failed.append(f"{item.combo.label} ({why})")
+        run_item(item, f"[{i}/{len(plan)}]", out, report, runner, stream, busy_wait_s)
     return report
 
 
@@ -625,83 +645,8 @@ def describe_plan(plan: Sequence[PlannedRun]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``tools/sweep.py`` argument parser (overrides after ``--`` are split off first)."""
-    parser = argparse.ArgumentParser(
-        prog="python tools/sweep.py",
-        description="Run an experiment script for every fold × seed × grid value; rerun to resume.",
-        epilog="Everything after `--` is passed to the script's `with` (e.g. quick _device=cpu).",
-    )
-    parser.add_argument("script", help="experiment script: a path or isic.py / isic_d_kd.py / isic_ssd_kd.py")
-    parser.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
-                        help="validation folds (default: 1 2 3 4 5)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[SHARED_CONFIG["seed"]],
-                        help=f"seeds (default: {SHARED_CONFIG['seed']})")
-    parser.add_argument("--out", required=True, help="sweep folder (one save folder per run inside)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="a config key and its values (repeatable: the product is swept)")
-    parser.add_argument("--teachers", metavar="DIR",
-                        help="teacher sweep folder: per fold its best checkpoint -> _teacher_ckpt")
-    parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; exit 0 = every run COMPLETED, 1 = some failed, 2 = bad request."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, overrides = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
-    try:
-        grid = parse_grid(args.grid)
-        plan = plan_sweep(args.script, args.folds, args.seeds, args.out, grid, overrides, args.teachers)
-    except (SweepError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        print(describe_plan(plan))
-        return 0
-    out = Path(args.out).expanduser().resolve()
-    try:
-        lock = runlock.acquire(out)
-    except runlock.FolderInUseError as exc:
-        print(f"error: --out {out} is in use by another sweep ({exc.holder.describe()}); "
-              "wait for it to finish", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: --out {out} cannot be written ({exc.strerror or exc})", file=sys.stderr)
-        return 2
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        # Planned again under the lock: a sweep that held it until now may have changed folders.
-        plan = plan_sweep(args.script, args.folds, args.seeds, out, grid, overrides, args.teachers)
-        report = run_sweep(plan, out)
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to finish the sweep", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("\nterminated: the current run was stopped; rerun the same command to finish "
-              "the sweep", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        lock.release()
-    print(report.summary(), file=sys.stderr if report.exit_code else sys.stdout)
-    return report.exit_code
-
-
-class _Terminated(Exception):
-    """SIGTERM reached the sweep (raised by its handler, so the current run is stopped too)."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
-
-
 __all__ = [
     "Combo", "FolderState", "GridAxis", "PlannedRun", "State", "SweepError", "SweepReport",
-    "build_command", "find_teachers", "folder_state", "main", "parse_grid", "parse_value",
-    "plan_sweep", "resolve_script", "run_sweep", "sacred_assignment",
+    "build_command", "describe_plan", "find_teachers", "folder_state", "parse_grid", "parse_value",
+    "plan_sweep", "resolve_script", "run_item", "run_sweep", "sacred_assignment", "stop_run",
 ]
