@@ -100,6 +100,15 @@ def _check_grads(got: dict, want: dict) -> None:
         torch.testing.assert_close(leaf.grad.double(), ref, rtol=U_BF16, atol=atol, msg=k)
 
 
+def _check_parts_and_grads(got, want, low_s, ref_s):
+    """Every part within its bound of the float64 reference, then the gradients of the totals."""
+    for name in got:
+        _check_part(name, got[name], want[name])
+    got["loss"].backward()
+    want["loss"].backward()
+    _check_grads(low_s, ref_s)
+
+
 @pytest.mark.parametrize(("dtype", "amp"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("method", list(K.DKD_FAMILY))
 def test_every_d_kd_part_is_float32_under_autocast(method, dtype, amp):
@@ -110,11 +119,7 @@ def test_every_d_kd_part_is_float32_under_autocast(method, dtype, amp):
             got = K.d_kd(low_s, _low(out_t, dtype), target, CLASS_WEIGHT, method=method)
         want = K.d_kd(ref_s, _ref(out_t, dtype), target, CLASS_WEIGHT, method=method)
         assert set(got) == {"loss", *K.DKD_FAMILY[method].terms(K.DKDWeights())}
-        for name in got:
-            _check_part(name, got[name], want[name])
-        got["loss"].backward()
-        want["loss"].backward()
-        _check_grads(low_s, ref_s)
+        _check_parts_and_grads(got, want, low_s, ref_s)
 
 
 @pytest.mark.parametrize(("dtype", "amp"), CASES, ids=CASE_IDS)
@@ -136,11 +141,7 @@ def test_every_ssd_kd_part_is_float32_under_autocast(dtype, amp, hr_w):
             target[: N // 4], CLASS_WEIGHT, weights,
         )
         assert set(got) == {"loss", *K.SSD_KD_FAMILY["ssd_kd"].terms(weights)}
-        for name in got:
-            _check_part(name, got[name], want[name])
-        got["loss"].backward()
-        want["loss"].backward()
-        _check_grads(low_s, ref_s)
+        _check_parts_and_grads(got, want, low_s, ref_s)
 
 
 @pytest.mark.parametrize(("dtype", "amp"), CASES, ids=CASE_IDS)
