@@ -200,7 +200,7 @@ def _rank_worker(rank, root):
 def test_under_torchrun_every_rank_skips_the_step_a_rank_found_non_finite(tmp_path):
     # rank 1's NaN reaches rank 0's gradients through DDP's all-reduce: both take the step back
     mp.spawn(_rank_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
         assert torch.isfinite(value.float()).all(), key
