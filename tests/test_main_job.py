@@ -67,8 +67,9 @@ def test_fast_plan_runs_every_training_step_per_seed(tmp_path):
     ssd_seed2 = trainings[11].cmd
     assert "seed=2" in ssd_seed2
     assert f"_teacher_ckpt={out / 'teacher_seed2' / 'best-checkpoint' / 'best-checkpoint.pth'}" in ssd_seed2
-    assert {"_epochs=3", "_epochs_tune=1", "_img_size=64"} <= set(ssd_seed2)
-    assert "_epochs=5" in trainings[0].cmd
+    assert {"_epochs=2", "_epochs_tune=1", "_img_size=32"} <= set(ssd_seed2)
+    assert {"_epochs=3", "_img_size=32"} <= set(trainings[0].cmd)
+    assert steps[1].cmd[-2:] == ("--size", "40")  # the cache is prepared for 32 px crops
 
 
 def test_full_plan_keeps_the_one_seed_commands(tmp_path):
@@ -114,15 +115,26 @@ def test_seeds_not_a_number_is_refused(capsys):
     assert "invalid int value: 'three'" in capsys.readouterr().err
 
 
-def test_expected_times_scale_the_measured_epochs():
-    # full teacher: 10 s start + 18 epochs x 13 s; fast SSD-KD: 10 + (3 x 28 + 1 x 17) x 400/1000
-    assert main_job.training_expected_s(main_job.FULL, "teacher ResNet-50") == pytest.approx(244.0)
-    assert main_job.training_expected_s(main_job.FAST, "SSD-KD student") == pytest.approx(50.4)
-    assert main_job.training_expected_s(main_job.FAST, "student alone") == pytest.approx(19.6)
+def test_expected_times_are_the_measured_step_times():
+    fast = main_job.parse_args(["--fast"])
+    steps = main_job.plan(fast)
+    assert [s.expected_s for s in steps[2:6]] == [main_job.FAST.expected_s[label] for label in LABELS]
+    assert steps[0].expected_s + steps[1].expected_s == main_job.FAST.expected_s["data"]
+    total = sum(s.expected_s for s in steps) + main_job.compare_expected_s(fast)
+    assert total < 6 * 60  # "a few minutes" for all three seeds
     full = sum(s.expected_s for s in main_job.plan(main_job.parse_args([])))
-    assert full == pytest.approx(697.0)  # the README's "about 11 min" plus the start-ups
+    assert full > 3 * total  # the full job is the long one
     assert main_job.minutes(42) == "42 s"
     assert main_job.minutes(150) == "2.5 min"
+
+
+def test_load_note_names_the_reference_and_this_cpu(monkeypatch):
+    monkeypatch.setattr(main_job, "cpu_name", lambda: "Test CPU 9000")
+    monkeypatch.setattr(main_job.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(main_job.os, "getloadavg", lambda: (3.25, 0.0, 0.0))
+    note = main_job.load_note(150)
+    assert note.startswith(f"expected 2.5 min in all (measured on {main_job.REFERENCE_MACHINE}); ")
+    assert "this machine: 2 x Test CPU 9000, load average 3.2 " in note
 
 
 def test_timed_prints_expected_then_elapsed(capsys, monkeypatch):
@@ -131,13 +143,13 @@ def test_timed_prints_expected_then_elapsed(capsys, monkeypatch):
     with main_job.timed("3/15 teacher", 36.0):
         print("training")
     assert capsys.readouterr().out.splitlines() == [
-        "", "=== 3/15 teacher (expected 36 s on an idle 2-core box) ===", "training",
+        "", "=== 3/15 teacher (expected 36 s) ===", "training",
         "--- 3/15 teacher: 63 s (expected 36 s)"]
 
 
 def test_execute_skips_done_steps_and_resumes_interrupted_ones(tmp_path, monkeypatch, capsys):
     ran = []
-    monkeypatch.setattr(main_job, "run", ran.append)
+    monkeypatch.setattr(main_job, "run", lambda cmd, fork=False: ran.append(cmd))
     done = tmp_path / "GroundTruth.csv"
     done.write_text("x")
     main_job.execute(main_job.Step("synth", ("synth",), 1.0, done_file=done))
@@ -213,3 +225,40 @@ def test_one_seed_has_no_sd_and_a_missing_run_is_named(tmp_path, monkeypatch):
     missing = {0: {**folders[0], "SSD-KD student": tmp_path / "nothing"}}
     with pytest.raises(ValueError, match="no COMPLETED run for 'SSD-KD student'"):
         per_seed_frame(load_runs([tmp_path]), missing)
+
+
+class _Finished:
+    """A started step that has already ended with ``code``."""
+
+    def __init__(self, code=0):
+        self.code = code
+
+    def wait(self):
+        return self.code
+
+
+def test_python_scripts_run_in_forks_other_commands_as_subprocesses(monkeypatch):
+    started = []
+    monkeypatch.setattr(main_job.forkrun, "start", lambda cmd, cwd: started.append(("fork", cmd[1])) or _Finished())
+    monkeypatch.setattr(main_job.subprocess, "Popen", lambda cmd, cwd: started.append(("new", cmd[1])) or _Finished())
+    main_job.run((sys.executable, "experiment/isic/isic.py", "with", "seed=0"), fork=True)
+    main_job.run(("bash", "run_preprocess.sh"), fork=True)
+    main_job.run((sys.executable, "experiment/isic/isic.py"), fork=False)
+    assert started == [("fork", "experiment/isic/isic.py"), ("new", "run_preprocess.sh"),
+                       ("new", "experiment/isic/isic.py")]
+    monkeypatch.setattr(main_job.forkrun, "start", lambda cmd, cwd: _Finished(3))
+    with pytest.raises(SystemExit, match=r"step failed \(exit 3\)"):
+        main_job.run((sys.executable, "x.py"), fork=True)
+
+
+@pytest.mark.parametrize("flag", [[], ["--subprocess"]])
+def test_the_job_preloads_and_forks_unless_told_otherwise(tmp_path, monkeypatch, flag):
+    calls = []
+    monkeypatch.setattr(main_job.forkrun, "can_fork", lambda: True)
+    monkeypatch.setattr(main_job.forkrun, "preload", lambda: calls.append("preload"))
+    monkeypatch.setattr(main_job, "plan", lambda args: [main_job.Step("one", ("x",), 1.0)])
+    monkeypatch.setattr(main_job, "execute", lambda step, fork: calls.append(("execute", fork)))
+    monkeypatch.setattr(main_job, "compare", lambda args: calls.append("compare"))
+    assert main_job.run_job([*flag, "--out", str(tmp_path), "--data", str(tmp_path)]) == 0
+    expected = ["preload", ("execute", True)] if not flag else [("execute", False)]
+    assert calls == [*expected, "compare"]

@@ -8,6 +8,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A step that needs a second to stop after SIGINT (as a training run saving its record does).
@@ -29,17 +31,25 @@ spec = importlib.util.spec_from_file_location("main_job", sys.argv[1])
 main_job = importlib.util.module_from_spec(spec)
 sys.modules["main_job"] = main_job
 spec.loader.exec_module(main_job)
-step = main_job.Step("slow step", (sys.executable, "-c", sys.argv[2], sys.argv[3], sys.argv[4]), 1.0)
+# a .py file runs in a fork of this process (its preload skipped here: it only saves time)
+code = ("-c", sys.argv[2]) if not sys.argv[2].endswith(".py") else (sys.argv[2],)
+step = main_job.Step("slow step", (sys.executable, *code, sys.argv[3], sys.argv[4]), 1.0)
 main_job.plan = lambda args: [step]
+main_job.forkrun.preload = lambda: None
 sys.exit(main_job.main(["--out", sys.argv[5], "--data", sys.argv[5]]))
 '''
 
 
-def test_ctrl_c_waits_for_the_step_and_prints_one_line(tmp_path):
+@pytest.mark.parametrize("as_file", [False, True], ids=["subprocess", "fork"])
+def test_ctrl_c_waits_for_the_step_and_prints_one_line(tmp_path, as_file):
     ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    step = textwrap.dedent(STEP)
+    if as_file:
+        (tmp_path / "step.py").write_text(step)
+        step = str(tmp_path / "step.py")
     job = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(JOB), str(ROOT / "tools" / "main_job.py"),
-         textwrap.dedent(STEP), str(ready), str(stopped), str(tmp_path / "out")],
+         step, str(ready), str(stopped), str(tmp_path / "out")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         # a test run from a background shell (`cmd &`) inherits SIGINT ignored: restore it
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -16,13 +16,18 @@ data order, augmentation; the dataset and its split stay fixed), each student di
 from the teacher of its own seed, so the spread includes the teacher's. Seed 0 uses the
 folders ``teacher``, ``student_none``, ...; seed s > 0 the same names with ``_seed<s>``.
 
-``--fast`` runs the same steps at a smaller size (400 images, fewer epochs, 3 seeds) for a
-first try or a busy machine. It keeps 64 px: on the shared 2-core CPU (one torch thread) a
-teacher epoch at 32 px took as long as at 64 px (17.8 s and 17.9 s; the per-batch work
-outside the convolutions dominates). At these sizes the networks, trained from scratch,
-stay near chance: the fast mode checks the pipeline and its timing, not the methods.
+``--fast`` runs the same steps smaller (400 images at 32 px, 3 / 2 / 2 / 1+2 epochs, 3 seeds)
+for a first try or a busy machine: a few minutes on an idle 2-core box. At that size the
+networks, trained from scratch, stay near chance: the fast mode checks the pipeline, the
+seeds and the timing, not the methods (the full job with ``--seeds 3`` compares them).
 
-Usage: ``bash tools/main.sh [--fast] [--seeds N] [--out DIR] [--data DIR] [--device cpu]``.
+Each step prints its expected time, measured per mode on the reference machine
+(:data:`REFERENCE_MACHINE`, idle), and its elapsed time.
+
+Each training runs in a fork of the job's process, which imports torch & co. once
+(:mod:`raug.run.forkrun`; about 12 s saved per training on 2 cores), unless ``--subprocess``.
+
+Usage: ``bash tools/main.sh [--fast] [--seeds N] [--out DIR] [--data DIR] [--device cpu] [--subprocess]``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -37,6 +43,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from raug.run import forkrun
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "experiment" / "isic"
@@ -52,23 +60,29 @@ SCRIPT = {TEACHER: "isic.py", "student alone": "isic_d_kd.py", "D-KD student": "
 _KD_WEIGHTS = {"_lambd_drkd": 1, "_lambd_crkd": 1000}
 
 
+REFERENCE_MACHINE = "an idle 2-core AMD EPYC (AVX2)"
+
+
 @dataclass(frozen=True)
 class Mode:
-    """One size of the main job: the dataset to synthesize and each training step's config keys."""
+    """One size of the main job: the dataset to synthesize, each training step's config keys
+    and the seconds each step took on :data:`REFERENCE_MACHINE` (printed as expectations)."""
 
     name: str
     dataset: dict
+    img_size: int
     steps: dict[str, dict]
     seeds: int
     out: str
     data: str
+    expected_s: dict[str, float]  # per training step (one seed), "data" and "compare" (per seed)
 
 
-# Sized for about 11 minutes on 2 idle CPU cores (see README "Results of the main job").
 # 40 images per rare class keep the per-class test metrics from resting on 1-2 images.
 FULL = Mode(
     name="full",
     dataset={"num_images": 1000, "min_per_class": 40, "image_size": 96, "seed": 2019, "prep_size": 72},
+    img_size=64,
     steps={
         TEACHER: {"_epochs": 18, "_batch_size": 32, "_lr_init": 0.002, "_early_stop": 6, "_sched_patience": 2},
         "student alone": {"_kd_method": "none", "_epochs": 8, "_batch_size": 32},
@@ -77,28 +91,22 @@ FULL = Mode(
                            "_epochs_tune": 3},
     },
     seeds=1, out="results/main", data="data/synthetic",
+    expected_s={TEACHER: 300.0, "student alone": 90.0, "D-KD student": 110.0, "SSD-KD student": 330.0,
+                "data": 20.0, "compare": 7.0},
 )
-# A few minutes on 2 idle cores for all three seeds: the same steps with 40 % of the
-# images and about a third of the epochs.
-FAST_EPOCHS = {TEACHER: {"_epochs": 5}, "student alone": {"_epochs": 3}, "D-KD student": {"_epochs": 3},
-               "SSD-KD student": {"_epochs": 3, "_epochs_tune": 1}}
+# The same steps with 40 % of the images at 32 px and a fraction of the epochs.
+FAST_EPOCHS = {TEACHER: {"_epochs": 3}, "student alone": {"_epochs": 2}, "D-KD student": {"_epochs": 2},
+               "SSD-KD student": {"_epochs": 2, "_epochs_tune": 1}}
 FAST = replace(
     FULL,
     name="fast",
-    dataset={**FULL.dataset, "num_images": 400, "min_per_class": 16, "image_size": 80},
+    dataset={**FULL.dataset, "num_images": 400, "min_per_class": 16, "image_size": 48, "prep_size": 40},
+    img_size=32,
     steps={label: {**config, **FAST_EPOCHS[label]} for label, config in FULL.steps.items()},
     seeds=3, out="results/main_fast", data="data/synthetic_fast",
+    expected_s={TEACHER: 25.0, "student alone": 12.0, "D-KD student": 14.0, "SSD-KD student": 25.0,
+                "data": 6.0, "compare": 7.0},
 )
-IMG_SIZE = 64
-
-# Expected times on an idle 2-core box. Basis: the full job on the 2-core development
-# machine (README "Results of the main job", 2026-11-28): seconds per epoch with the
-# 1,000-image dataset at 64 px, scaled linearly by the number of images and epochs.
-EPOCH_S = {TEACHER: 13.0, "student alone": 8.0, "D-KD student": 8.0, "SSD-KD student": 28.0}
-HEAD_EPOCH_S = 17.0  # SSD-KD phase 1 (teacher-head fit)
-START_S = 10.0  # per training: start-up, test evaluation and plots (estimate, not measured)
-DATA_S_PER_IMAGE = 0.01  # synthesis or preparation
-COMPARE_S_PER_SEED = 5.0  # four latency measurements and the table
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="where the runs and the comparison go "
                         f"(default {FULL.out}; {FAST.out} with --fast)")
     parser.add_argument("--device", default="cpu", help="_device of every run (cpu, cuda, auto)")
+    parser.add_argument("--subprocess", action="store_true",
+                        help="start every training as a new Python process (about 12 s more per "
+                             "training on 2 cores) instead of a fork of this one, which imports "
+                             "torch & co. once")
     args = parser.parse_args(argv)
     mode = FAST if args.fast else FULL
     args.seeds = mode.seeds if args.seeds is None else args.seeds
@@ -150,19 +162,12 @@ def overrides(config: dict) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in config.items()]
 
 
-def training_expected_s(mode: Mode, label: str) -> float:
-    """Expected seconds of one training step on an idle 2-core box (all its epochs)."""
-    config = mode.steps[label]
-    epochs_s = config["_epochs"] * EPOCH_S[label] + config.get("_epochs_tune", 0) * HEAD_EPOCH_S
-    return START_S + epochs_s * mode.dataset["num_images"] / 1000
-
-
 def training_cmd(args: argparse.Namespace, label: str, seed: int) -> tuple[str, ...]:
     """The command line of one training step (without ``_resume``, added when it is needed)."""
     script = SCRIPT[label]
     save = save_folder(args.out, label, seed)
     cmd = [sys.executable, str(SCRIPTS / script), "with", *overrides(args.mode.steps[label]),
-           f"_img_size={IMG_SIZE}", f"_device={args.device}",
+           f"_img_size={args.mode.img_size}", f"_device={args.device}",
            "_num_workers=0",  # loader workers would compete with torch's threads for the 2 cores
            f"seed={seed}", f"_base_path={args.data}", f"_save_folder={save}",
            "_pretrained=False"]  # no ImageNet weights offline: train from scratch
@@ -180,22 +185,22 @@ def plan(args: argparse.Namespace) -> list[Step]:
              (sys.executable, "data/ISIC2019/synthesize.py", "--root", str(data),
               "--num-images", str(ds["num_images"]), "--image-size", str(ds["image_size"]),
               "--seed", str(ds["seed"]), "--min-per-class", str(ds["min_per_class"])),
-             DATA_S_PER_IMAGE * ds["num_images"], done_file=data / "ISIC_2019_Training_GroundTruth.csv"),
+             args.mode.expected_s["data"] / 2, done_file=data / "ISIC_2019_Training_GroundTruth.csv"),
         # idempotent: a rerun checks the outputs and redoes no finished image work
         Step("prepare it (run_preprocess.sh)",
              ("bash", "run_preprocess.sh", "--root", str(data), "--size", str(ds["prep_size"])),
-             DATA_S_PER_IMAGE * ds["num_images"]),
+             args.mode.expected_s["data"] / 2),
     ]
     for seed in range(args.seeds):
         for label in FOLDERS:
             steps.append(Step(f"{label}, seed {seed} ({SCRIPT[label]})", training_cmd(args, label, seed),
-                              training_expected_s(args.mode, label), save_folder=save_folder(args.out, label, seed)))
+                              args.mode.expected_s[label], save_folder=save_folder(args.out, label, seed)))
     return steps
 
 
 def compare_expected_s(args: argparse.Namespace) -> float:
     """Expected seconds of the comparison step."""
-    return COMPARE_S_PER_SEED * args.seeds
+    return args.mode.expected_s["compare"] * args.seeds
 
 
 def minutes(seconds: float) -> str:
@@ -206,26 +211,28 @@ def minutes(seconds: float) -> str:
 @contextmanager
 def timed(title: str, expected_s: float) -> Iterator[None]:
     """Print the step's header with its expected time, and its elapsed time when it ends."""
-    print(f"\n=== {title} (expected {minutes(expected_s)} on an idle 2-core box) ===", flush=True)
+    print(f"\n=== {title} (expected {minutes(expected_s)}) ===", flush=True)
     start = time.perf_counter()
     yield
     print(f"--- {title}: {minutes(time.perf_counter() - start)} (expected {minutes(expected_s)})",
           flush=True)
 
 
-def run(cmd: tuple[str, ...]) -> None:
+def run(cmd: tuple[str, ...], fork: bool = False) -> None:
     """Run a command, streaming its output; stop the job on failure.
 
+    ``fork``: a ``python script.py`` command runs in a fork of this process, which has
+    preloaded the libraries (:mod:`raug.run.forkrun`); other commands as subprocesses.
     On Ctrl-C the step, which got the same SIGINT, is waited for: it records INTERRUPTED and
     keeps its last checkpoint (``subprocess.run`` would kill it 0.25 s later).
     """
     print("$ " + " ".join(cmd), flush=True)
-    with subprocess.Popen(cmd, cwd=REPO) as step:
-        try:
-            returncode = step.wait()
-        except KeyboardInterrupt:
-            step.wait()
-            raise
+    step = forkrun.start(cmd, cwd=REPO) if fork and forkrun.is_script_command(cmd) else subprocess.Popen(cmd, cwd=REPO)
+    try:
+        returncode = step.wait()
+    except KeyboardInterrupt:
+        step.wait()
+        raise
     if returncode != 0:
         sys.exit(f"main job: step failed (exit {returncode}): {' '.join(cmd)}")
 
@@ -240,7 +247,7 @@ def completed(folder: Path) -> bool:
     return bool((runs.get("status") == "COMPLETED").any()) if not runs.empty else False
 
 
-def execute(step: Step) -> None:
+def execute(step: Step, fork: bool = False) -> None:
     """Run ``step`` unless done; an interrupted training resumes from its last checkpoint."""
     if step.done_file is not None and step.done_file.is_file():
         print(f"reusing {step.done_file.parent}")
@@ -250,14 +257,26 @@ def execute(step: Step) -> None:
         return
     last = step.save_folder / "last-checkpoint" / "last-checkpoint.pth" if step.save_folder else None
     resume = last is not None and last.is_file()
-    run(step.cmd + (("_resume=True",) if resume else ()))
+    run(step.cmd + (("_resume=True",) if resume else ()), fork=fork)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def load_note(expected_s: float) -> str:
-    """The expected total and the load average: on a busy machine every step takes longer."""
+    """The expected total, where it was measured, and this machine: its CPU and load average."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"expected {minutes(expected_s)} in all on an idle 2-core box; this machine: "
-            f"{os.cpu_count()} CPUs, load average {load:.1f} (a load above the CPU count slows every step)")
+    return (f"expected {minutes(expected_s)} in all (measured on {REFERENCE_MACHINE}); this machine: "
+            f"{os.cpu_count()} x {cpu_name()}, load average {load:.1f} "
+            "(another CPU model takes longer or shorter; a load above the CPU count slows every step)")
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -292,9 +311,14 @@ def run_job(argv: list[str] | None = None) -> int:
     print(f"main job ({args.mode.name}, seeds 0..{args.seeds - 1}): {total} steps; "
           + load_note(sum(s.expected_s for s in steps) + compare_expected_s(args)), flush=True)
     start = time.perf_counter()
+    fork = not args.subprocess and forkrun.can_fork()
+    if fork:
+        print("importing torch and the other libraries once; each training runs in a fork of this "
+              "process (--subprocess: a new process each)", flush=True)
+        forkrun.preload()
     for i, step in enumerate(steps, start=1):
         with timed(f"{i}/{total} {step.title}", step.expected_s):
-            execute(step)
+            execute(step, fork=fork)
     with timed(f"{total}/{total} comparison (read back from the Sacred runs)", compare_expected_s(args)):
         compare(args)
     print(f"main job finished in {minutes(time.perf_counter() - start)}")
