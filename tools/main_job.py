@@ -16,7 +16,7 @@ data order, augmentation; the dataset and its split stay fixed), each student di
 from the teacher of its own seed, so the spread includes the teacher's. Seed 0 uses the
 folders ``teacher``, ``student_none``, ...; seed s > 0 the same names with ``_seed<s>``.
 
-``--fast`` runs the same steps smaller (400 images at 32 px, 3 / 2 / 2 / 1+2 epochs, 3 seeds)
+``--fast`` runs the same steps smaller (400 images at 32 px, 2 / 2 / 2 / 1+1 epochs, 3 seeds)
 for a first try or a busy machine: a few minutes on an idle 2-core box. At that size the
 networks, trained from scratch, stay near chance: the fast mode checks the pipeline, the
 seeds and the timing, not the methods (the full job with ``--seeds 3`` compares them).
@@ -78,7 +78,8 @@ class Mode:
     expected_s: dict[str, float]  # per training step (one seed), "data" and "compare" (per seed)
 
 
-# 40 images per rare class keep the per-class test metrics from resting on 1-2 images.
+# At least 40 images per class; the test split (drawn by lesion) still holds only 1 AK, 2 DF
+# and 2 SCC images of its 100, so one rare image moves the test balanced accuracy by ~0.06.
 FULL = Mode(
     name="full",
     dataset={"num_images": 1000, "min_per_class": 40, "image_size": 96, "seed": 2019, "prep_size": 72},
@@ -91,12 +92,13 @@ FULL = Mode(
                            "_epochs_tune": 3},
     },
     seeds=1, out="results/main", data="data/synthetic",
-    expected_s={TEACHER: 300.0, "student alone": 90.0, "D-KD student": 110.0, "SSD-KD student": 330.0,
-                "data": 20.0, "compare": 7.0},
+    # measured 2026-12-01 (--seeds 3, seeds 1-2; the teacher stops early at epoch 14-16)
+    expected_s={TEACHER: 510.0, "student alone": 63.0, "D-KD student": 120.0, "SSD-KD student": 560.0,
+                "data": 27.0, "compare": 8.0},
 )
 # The same steps with 40 % of the images at 32 px and a fraction of the epochs.
-FAST_EPOCHS = {TEACHER: {"_epochs": 3}, "student alone": {"_epochs": 2}, "D-KD student": {"_epochs": 2},
-               "SSD-KD student": {"_epochs": 2, "_epochs_tune": 1}}
+FAST_EPOCHS = {TEACHER: {"_epochs": 2}, "student alone": {"_epochs": 2}, "D-KD student": {"_epochs": 2},
+               "SSD-KD student": {"_epochs": 1, "_epochs_tune": 1}}
 FAST = replace(
     FULL,
     name="fast",
@@ -104,8 +106,9 @@ FAST = replace(
     img_size=32,
     steps={label: {**config, **FAST_EPOCHS[label]} for label, config in FULL.steps.items()},
     seeds=3, out="results/main_fast", data="data/synthetic_fast",
-    expected_s={TEACHER: 25.0, "student alone": 12.0, "D-KD student": 14.0, "SSD-KD student": 25.0,
-                "data": 6.0, "compare": 7.0},
+    # from the 3-seed fast job with 3 / 2 / 2 / 1+2 epochs (6.0 min), less the epochs dropped since
+    expected_s={TEACHER: 22.0, "student alone": 11.0, "D-KD student": 15.0, "SSD-KD student": 33.0,
+                "data": 6.0, "compare": 6.5},
 )
 
 
